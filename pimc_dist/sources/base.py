@@ -1,0 +1,74 @@
+"""Records every dataset reader yields, and the error readers raise on bad files.
+
+Readers turn one on-disk dataset format into a stream of these records; the
+sharder (`pimc_dist.shard`) turns records into WebDataset samples. Keeping the
+records format-free means a new dataset needs a reader and nothing else.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+
+class SourceError(ValueError):
+    """A dataset file is missing, unreadable or of the wrong shape/dtype; the message names it."""
+
+    def __init__(self, path: Any, problem: str):
+        super().__init__(f"{path}: {problem}")
+        self.path = str(path)
+        self.problem = problem
+
+
+@dataclass
+class TimeSeriesPatch:
+    """One patch of a Sentinel-2 image time series (PIMC input).
+
+    `bands` is (T, C, H, W) in the file's digital numbers (or reflectance when
+    `dn_scale` is 1); `band_names` names its C axis (e.g. "B02", "B04", "B08").
+    """
+
+    patch_id: str
+    bands: np.ndarray
+    band_names: list[str]
+    dates: list[dt.date]
+    dataset: str
+    fold: int | None = None
+    split: str | None = None
+    labels: np.ndarray | None = None  # (H, W) int class map
+    parcels: np.ndarray | None = None  # (H, W) int parcel ids
+    valid: np.ndarray | None = None  # (T, H, W) bool, False for cloud / no data
+    dn_scale: float = 10000.0
+    dn_offset: float = 0.0
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class MultimodalPatch:
+    """One optical + SAR patch (MoSAiC input) with multi-hot labels."""
+
+    patch_id: str
+    s2: np.ndarray  # (C, H, W) float32 reflectance
+    s2_bands: list[str]
+    s1: np.ndarray  # (2, H, W) float32 (VV, VH)
+    s1_bands: list[str]
+    labels: np.ndarray  # (K,) uint8 multi-hot over the dataset's class list
+    dataset: str
+    split: str | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class ScenePatch:
+    """One single-label image (scene classification, e.g. EuroSAT)."""
+
+    patch_id: str
+    image: np.ndarray  # (C, H, W)
+    band_names: list[str]
+    label: int
+    dataset: str
+    split: str | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
