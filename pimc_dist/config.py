@@ -1,0 +1,305 @@
+"""Structured job configs: one YAML per job, merged with dotted command-line overrides.
+
+`load("configs/pretrain/pimc.yaml", ["train.lr=3e-4"])` returns a typed, fully
+resolved OmegaConf `DictConfig` of `JobConfig`. Unknown keys, wrong types and
+missing required values fail here, before any work starts, with a
+`ConfigError` naming the key and where it came from (file or command line).
+
+A YAML file may start from other files with `base: <path>` (or a list of
+paths), relative to itself; later files and then the overrides win.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+
+class ConfigError(ValueError):
+    """A config file or override is invalid; the message names the key and its origin."""
+
+
+@dataclass
+class DataConfig:
+    """What to shard: the raw dataset, how samples are made, where shards go."""
+
+    name: str = "demo"  # shard set name; shards land in shards/<name>
+    source: str = "demo"  # demo | pastis | geotiff_stack | eurosat | reben | sen12ms
+    root: str = ""  # raw dataset folder (a file or glob for geotiff_stack); demo: where to write it
+    shard_dir: str = "shards/${data.name}"
+    split: str | None = None  # train | val | test; None = everything
+    folds: list[int] | None = None  # PASTIS folds (1-5); None = from split + fold_rotation
+    fold_rotation: int = 0
+    # Generic GeoTIFF stack: band names and ISO dates of the file's bands.
+    band_names: list[str] = field(default_factory=list)
+    dates: list[str] = field(default_factory=list)
+    band_order: str = "date_major"
+    patch_size: int = 128
+    # PIMC samples.
+    pixels_per_patch: int = 64
+    stratify: bool = True
+    grid_step_days: int = 10
+    grid_start: str | None = None  # ISO date; None = first acquisition
+    grid_length: int | None = None  # None = up to the last acquisition
+    rp_size: int = 0  # 0 = native T' x T'
+    crop_size: int = 16
+    crop_source: str = "median"  # median (cloud-free composite) | date:<index>
+    # MoSAiC samples.
+    s2_size: int = 120
+    label_threshold: float = 0.1
+    drop_snow_cloud: bool = False
+    # Output.
+    seed: int = 0
+    max_samples_per_shard: int = 4096
+    max_shard_bytes: int = 256 * 2**20
+    workers: int = 0  # 0 = all cores
+    shard_start: int = 0  # first shard index this task writes (Slurm array tasks)
+    shard_count: int | None = None  # None = all remaining
+
+
+@dataclass
+class LoaderConfig:
+    """How training reads shards."""
+
+    shards: str = "${data.shard_dir}"
+    views: list[str] = field(default_factory=lambda: ["rp", "rsi"])
+    workers: int = 2
+    shuffle_buffer: int = 2000
+    resampled: bool = True  # sample shards with replacement (training); False = exact epochs
+    augment: bool = True  # flips and 90-degree rotations of crops
+    rp_on_the_fly: str = "off"  # off | cpu | gpu: build plots from stored series
+
+
+@dataclass
+class ViewModelConfig:
+    """The encoder of one view; None means "not set" (the encoder's own default)."""
+
+    encoder: str | None = (
+        None  # resnet18 | resnet50 | vit_{tiny,small,base,large,huge,giant}[_p<N>]
+    )
+    in_chans: int | None = None
+    img_size: int | None = None
+    patch_size: int | None = None  # ViT only
+    share: str | None = None  # reuse this other view's whole tower
+    share_encoder: str | None = None  # reuse only its encoder, with an own head
+    pool: str | None = None  # ViT: cls | mean
+    small_input: bool | None = None  # ResNet: 3x3 stem without max pool (default for <= 64 px)
+    drop_path_rate: float | None = None
+    head: dict[str, Any] | None = None  # per-view head overrides
+
+
+@dataclass
+class HeadConfig:
+    depth: int = 2
+    hidden_dim: int = 512
+    out_dim: int = 128
+    # LayerNorm, not BatchNorm: BN breaks with one sample per rank and leaks which
+    # samples share a device into the contrastive task.
+    norm: str = "ln"
+    act: str = "gelu"
+
+
+@dataclass
+class ModelConfig:
+    # View name -> encoder. Empty in the schema (a YAML names the views) because
+    # OmegaConf merges dicts key by key: defaults here could not be removed by a file.
+    views: dict[str, ViewModelConfig] = field(default_factory=dict)
+    head: HeadConfig = field(default_factory=HeadConfig)
+    shared_encoder: bool = False
+    grad_checkpointing: bool = False
+    init_temperature: float = 0.07
+
+
+@dataclass
+class LossConfig:
+    name: str = "clip"  # clip | siglip | mosaic
+    local_loss: bool = True
+    gather_with_grad: bool = True
+    max_logit_scale: float = 100.0
+    w_intra: float = 1.0
+    w_inter: float = 1.0
+    w_sup: float = 1.0
+    sup_positives: str = "any"  # any | weighted
+
+
+@dataclass
+class TrainConfig:
+    run_dir: str = "runs/${name}"
+    total_samples: int = 20_000  # global samples seen; the loop counts these, not epochs
+    batch_size: int = 64  # per rank, per micro-step
+    grad_accum: int = 1
+    lr: float = 1e-3
+    min_lr: float = 1e-5
+    weight_decay: float = 0.05
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
+    warmup_fraction: float = 0.05
+    grad_clip: float = 1.0
+    seed: int = 0
+    deterministic: bool = False
+    ckpt_every_steps: int = 200
+    keep_last: int = 2
+    log_every_steps: int = 10
+    max_nonfinite_in_row: int = 5
+    collective_timeout_s: int = 600
+    export_on_end: bool = True
+
+
+@dataclass
+class DeepSpeedConfig:
+    zero_stage: int = 1
+    bf16: bool = False
+    config_file: str | None = None  # a JSON under configs/deepspeed/; its keys win
+
+
+@dataclass
+class TrackingConfig:
+    wandb: bool = True
+    mode: str = "offline"  # offline | online | disabled
+    project: str = "pimc_dist"
+    entity: str | None = None
+    group: str | None = None
+    tags: list[str] = field(default_factory=list)
+    log_images: int = 8
+
+
+@dataclass
+class LaunchConfig:
+    cluster: str = "auto"  # auto | slurm | local
+    nodes: int = 1
+    gpus_per_node: int = 0  # 0 = CPU ranks
+    tasks_per_node: int = 2  # ranks per node when there are no GPUs
+    cpus_per_task: int = 1
+    mem: str | None = None
+    partition: str | None = None
+    time: str = "01:00:00"
+    account: str | None = None
+    qos: str | None = None
+    constraint: str | None = None
+    exclude: str | None = None
+    max_requeues: int = 3
+    signal_delay_s: int = 120
+
+
+@dataclass
+class JobConfig:
+    name: str = "run"
+    method: str = "pimc"  # pimc | mosaic
+    data: DataConfig = field(default_factory=DataConfig)
+    loader: LoaderConfig = field(default_factory=LoaderConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    launch: LaunchConfig = field(default_factory=LaunchConfig)
+
+
+def _error(exc: OmegaConfBaseException, origin: str) -> ConfigError:
+    key = getattr(exc, "full_key", None) or "?"
+    msg = (getattr(exc, "msg", None) or str(exc)).splitlines()[0]
+    return ConfigError(f"{origin}: invalid key '{key}': {msg}")
+
+
+def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> list[tuple[Path, dict[str, Any]]]:
+    """The YAML at `path` preceded by its `base:` files, each with its own path."""
+    path = path.resolve()
+    if path in seen:
+        raise ConfigError(f"{path}: 'base' includes form a cycle")
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping, got {type(data).__name__}")
+    bases = data.pop("base", None) or []
+    if isinstance(bases, str):
+        bases = [bases]
+    layers: list[tuple[Path, dict[str, Any]]] = []
+    for base in bases:
+        layers += _read_yaml(path.parent / base, seen + (path,))
+    layers.append((path, data))
+    return layers
+
+
+def load(
+    path: str | os.PathLike | None = None, overrides: list[str] | tuple[str, ...] = ()
+) -> DictConfig:
+    """Load a job config: schema defaults, then the YAML (with its bases), then overrides."""
+    cfg = OmegaConf.structured(JobConfig)
+    if path is not None:
+        for layer_path, data in _read_yaml(Path(path)):
+            try:
+                cfg = OmegaConf.merge(cfg, data)
+            except OmegaConfBaseException as exc:
+                raise _error(exc, str(layer_path)) from exc
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"command line: override '{item}' is not key=value")
+        try:
+            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([item]))
+        except OmegaConfBaseException as exc:
+            raise _error(exc, f"command line override '{item}'") from exc
+    origin = str(path) if path is not None else "defaults"
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        raise ConfigError(f"{origin}: missing required value(s): {', '.join(missing)}")
+    try:
+        OmegaConf.resolve(cfg)
+    except OmegaConfBaseException as exc:
+        raise _error(exc, origin) from exc
+    OmegaConf.set_readonly(cfg, True)
+    return cfg
+
+
+def to_yaml(cfg: DictConfig) -> str:
+    """The resolved config as YAML text."""
+    return OmegaConf.to_yaml(cfg, resolve=True)
+
+
+def save(cfg: DictConfig, path: str | os.PathLike) -> Path:
+    """Write the resolved config atomically (temp file, then rename) and return its path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        f.write(to_yaml(cfg))
+    os.replace(tmp, path)
+    return path
+
+
+def from_yaml_text(text: str, origin: str) -> DictConfig:
+    """Validate a resolved config saved earlier (e.g. inside a checkpoint) against the schema."""
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{origin}: not valid YAML: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"{origin}: top level must be a mapping")
+    try:
+        cfg = OmegaConf.merge(OmegaConf.structured(JobConfig), data)
+    except OmegaConfBaseException as exc:
+        raise _error(exc, origin) from exc
+    OmegaConf.set_readonly(cfg, True)
+    return cfg
+
+
+__all__ = [
+    "MISSING",
+    "ConfigError",
+    "JobConfig",
+    "load",
+    "save",
+    "to_yaml",
+    "from_yaml_text",
+]

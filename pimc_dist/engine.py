@@ -1,0 +1,342 @@
+"""DeepSpeed engine: configuration from our config, checkpoints, resume and export.
+
+Every training path goes through `Engine`: it builds the DeepSpeed config
+(ZeRO stage, bf16, accumulation, clipping), the AdamW optimizer (no weight
+decay on norms, biases and the logit scale) and the warmup + cosine schedule,
+and owns the checkpoint folder:
+
+    <run_dir>/checkpoints/
+        step00000200/          DeepSpeed files of every rank + client_state.json
+        step00000400/
+        latest                 tag of the newest COMPLETE checkpoint
+
+`latest` is written by rank 0 (temp file + rename) only after every rank has
+finished writing, so a crash during a save leaves the previous checkpoint in
+charge. The client state (step, samples seen, data epoch, RNG states, W&B id,
+resolved config) is JSON, never pickle. DeepSpeed's own files are read back
+through `torch.load(weights_only=True)` with an allowlist of the few plain
+types DeepSpeed stores (see `_safe_torch_load`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import random
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+CLIENT_STATE = "client_state.json"
+LATEST = "latest"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, incomplete or unreadable; the message names the file."""
+
+
+def deepspeed_config(cfg: Any, world_size: int) -> dict[str, Any]:
+    """The DeepSpeed JSON config for a job; a JSON file in `deepspeed.config_file` wins key by key."""
+    micro = int(cfg.train.batch_size)
+    accum = int(cfg.train.grad_accum)
+    ds: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": micro,
+        "gradient_accumulation_steps": accum,
+        "train_batch_size": micro * accum * world_size,
+        "gradient_clipping": float(cfg.train.grad_clip),
+        "zero_optimization": {"stage": int(cfg.deepspeed.zero_stage)},
+        "bf16": {"enabled": bool(cfg.deepspeed.bf16)},
+        "steps_per_print": 10**9,  # we log ourselves
+        "wall_clock_breakdown": False,
+    }
+    if cfg.deepspeed.config_file:
+        path = Path(cfg.deepspeed.config_file)
+        try:
+            extra = json.loads(path.read_text())
+        except FileNotFoundError as exc:
+            raise CheckpointError(f"{path}: DeepSpeed config file not found") from exc
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path}: not valid JSON: {exc}") from exc
+        if not isinstance(extra, dict):
+            raise ValueError(f"{path}: DeepSpeed config must be a JSON object")
+        _deep_update(ds, extra)
+    return ds
+
+
+def _deep_update(base: dict, extra: dict) -> None:
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            _deep_update(base[key], value)
+        else:
+            base[key] = value
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """AdamW groups: decay on weight matrices and kernels only, not on norms, biases or scales."""
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        if (
+            param.ndim <= 1
+            or name.endswith(".bias")
+            or "logit_scale" in name
+            or "pos_embed" in name
+        ):
+            no_decay.append(param)
+        else:
+            decay.append(param)
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+def warmup_cosine(total_steps: int, warmup_steps: int, lr: float, min_lr: float):
+    """LambdaLR factor: linear warmup to `lr`, then cosine decay to `min_lr`."""
+    floor = min_lr / lr if lr > 0 else 0.0
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / max(1, warmup_steps)
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def rng_state() -> dict[str, Any]:
+    """Python, numpy and torch RNG states as JSON-safe values."""
+    np_state = np.random.get_state()
+    py_state = random.getstate()
+    return {
+        "python": [py_state[0], list(py_state[1]), py_state[2]],
+        "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
+        "torch": torch.get_rng_state().tolist(),
+        "cuda": [s.tolist() for s in torch.cuda.get_rng_state_all()]
+        if torch.cuda.is_available()
+        else [],
+    }
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore what `rng_state` captured."""
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    npy = state["numpy"]
+    np.random.set_state((npy[0], np.asarray(npy[1], dtype=np.uint32), *npy[2:]))
+    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
+    if state.get("cuda") and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in state["cuda"]])
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def latest_tag(ckpt_dir: str | os.PathLike) -> str | None:
+    """Tag of the newest complete checkpoint under `ckpt_dir`, or None when there is none."""
+    path = Path(ckpt_dir) / LATEST
+    if not path.is_file():
+        return None
+    tag = path.read_text().strip()
+    if not tag or not (Path(ckpt_dir) / tag / CLIENT_STATE).is_file():
+        raise CheckpointError(
+            f"{path}: points to '{tag}' but {Path(ckpt_dir) / tag / CLIENT_STATE} is missing; "
+            "the checkpoint folder was edited by hand or copied incompletely"
+        )
+    return tag
+
+
+def read_client_state(ckpt_dir: str | os.PathLike, tag: str) -> dict[str, Any]:
+    """The JSON client state of one checkpoint, validated for the keys resume needs."""
+    path = Path(ckpt_dir) / tag / CLIENT_STATE
+    try:
+        state = json.loads(path.read_text())
+    except FileNotFoundError as exc:
+        raise CheckpointError(f"{path}: missing") from exc
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{path}: not valid JSON (truncated?): {exc}") from exc
+    for key in ("step", "samples_seen", "data_epoch", "world_size", "rng", "config"):
+        if key not in state:
+            raise CheckpointError(f"{path}: missing key '{key}'")
+    return state
+
+
+@contextlib.contextmanager
+def _safe_torch_load() -> Iterator[None]:
+    """Make DeepSpeed's checkpoint reads use `torch.load(weights_only=True)`.
+
+    DeepSpeed 0.19 calls `torch.load(..., weights_only=False)`, which would unpickle
+    any object in a checkpoint file. We route its calls through the restricted
+    unpickler, allowing only the plain types DeepSpeed writes.
+    """
+    from deepspeed.runtime.checkpoint_engine import torch_checkpoint_engine
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    safe = [ZeroStageEnum, fragment_address, torch.Size]
+    original = torch_checkpoint_engine.torch.load
+
+    def restricted_load(*args: Any, **kwargs: Any) -> Any:
+        kwargs["weights_only"] = True
+        with torch.serialization.safe_globals(safe):
+            return original(*args, **kwargs)
+
+    torch_checkpoint_engine.torch.load = restricted_load
+    try:
+        yield
+    finally:
+        torch_checkpoint_engine.torch.load = original
+
+
+def convert_to_universal(ckpt_dir: Path, tag: str) -> str:
+    """Convert one ZeRO checkpoint to DeepSpeed's universal format (rank 0 only); returns the new tag."""
+    from deepspeed.checkpoint import ds_to_universal
+
+    out_tag = f"{tag}_universal"
+    out = ckpt_dir / out_tag
+    if (out / CLIENT_STATE).is_file():
+        return out_tag
+    tmp = ckpt_dir / f".{out_tag}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    args = type(
+        "Args",
+        (),
+        {
+            "input_folder": str(ckpt_dir / tag),
+            "output_folder": str(tmp),
+            "num_extract_workers": 1,
+            "num_merge_workers": 1,
+            "keep_temp_folder": False,
+            "strict": True,
+            "inject_missing_state": False,
+        },
+    )()
+    ds_to_universal.main(args)
+    shutil.copy(ckpt_dir / tag / CLIENT_STATE, tmp / CLIENT_STATE)
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp, out)
+    return out_tag
+
+
+class Engine:
+    """A DeepSpeed engine for one model, with our checkpoint layout."""
+
+    def __init__(
+        self,
+        cfg: Any,
+        model: torch.nn.Module,
+        *,
+        world_size: int,
+        rank: int,
+        total_steps: int,
+        load_universal: bool = False,
+    ):
+        import deepspeed
+
+        self.cfg = cfg
+        self.rank = rank
+        self.world_size = world_size
+        self.ckpt_dir = Path(cfg.train.run_dir) / "checkpoints"
+        ds_config = deepspeed_config(cfg, world_size)
+        if load_universal:
+            ds_config["checkpoint"] = {"load_universal": True}
+        optimizer = torch.optim.AdamW(
+            param_groups(model, float(cfg.train.weight_decay)),
+            lr=float(cfg.train.lr),
+            betas=tuple(cfg.train.betas),
+        )
+        warmup = int(round(total_steps * float(cfg.train.warmup_fraction)))
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimizer,
+            warmup_cosine(total_steps, warmup, float(cfg.train.lr), float(cfg.train.min_lr)),
+        )
+        self.ds_config = ds_config
+        self.module, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=model, optimizer=optimizer, lr_scheduler=schedule, config=ds_config
+        )
+
+    @property
+    def device(self) -> torch.device:
+        return self.module.device
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        return torch.bfloat16 if self.ds_config["bf16"]["enabled"] else torch.float32
+
+    def lr(self) -> float:
+        return float(self.optimizer.param_groups[0]["lr"])
+
+    def grad_norm(self) -> float:
+        norm = self.module.get_global_grad_norm()
+        return float(norm) if norm is not None else float("nan")
+
+    def save(self, step: int, client_state: dict[str, Any]) -> Path:
+        """Save on every rank; `latest` moves to it only after all ranks finished."""
+        import torch.distributed as dist
+
+        tag = f"step{step:08d}"
+        self.ckpt_dir.mkdir(parents=True, exist_ok=True)
+        self.module.save_checkpoint(str(self.ckpt_dir), tag=tag, client_state={}, save_latest=False)
+        if self.rank == 0:
+            state = dict(client_state, tag=tag, world_size=self.world_size)
+            _atomic_write_text(self.ckpt_dir / tag / CLIENT_STATE, json.dumps(state))
+        if dist.is_initialized():
+            dist.barrier()
+        if self.rank == 0:
+            _atomic_write_text(self.ckpt_dir / LATEST, tag)
+            self._prune(keep=int(self.cfg.train.keep_last), current=tag)
+        if dist.is_initialized():
+            dist.barrier()
+        return self.ckpt_dir / tag
+
+    def _prune(self, keep: int, current: str) -> None:
+        tags = sorted(p.name for p in self.ckpt_dir.glob("step*") if p.is_dir())
+        complete = [t for t in tags if (self.ckpt_dir / t / CLIENT_STATE).is_file()]
+        for tag in complete[: max(0, len(complete) - keep)]:
+            if tag != current:
+                shutil.rmtree(self.ckpt_dir / tag, ignore_errors=True)
+        # Folders a crashed save left behind (no client state, older than the current one).
+        for tag in tags:
+            if tag not in complete and tag < current:
+                shutil.rmtree(self.ckpt_dir / tag, ignore_errors=True)
+
+    def load(self, tag: str) -> None:
+        """Load model, optimizer and schedule state of `tag` on every rank."""
+        with _safe_torch_load():
+            try:
+                path, _ = self.module.load_checkpoint(str(self.ckpt_dir), tag=tag)
+            except (RuntimeError, OSError, EOFError, KeyError, ValueError) as exc:
+                raise CheckpointError(
+                    f"{self.ckpt_dir / tag}: cannot load checkpoint: {exc}"
+                ) from exc
+        if path is None:
+            raise CheckpointError(f"{self.ckpt_dir / tag}: DeepSpeed found no checkpoint to load")
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """Consolidated fp32 weights of the whole model (gathers ZeRO-3 partitions); on every rank."""
+        import deepspeed
+
+        module = self.module.module
+        params = list(module.parameters())
+        stage3 = self.ds_config["zero_optimization"]["stage"] == 3
+        ctx = (
+            deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+            if stage3
+            else contextlib.nullcontext()
+        )
+        with ctx:
+            return {k: v.detach().float().cpu().clone() for k, v in module.state_dict().items()}

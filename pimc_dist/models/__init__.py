@@ -1,0 +1,44 @@
+"""Encoders (ResNet, ViT up to ~1B parameters), projection heads and the contrastive model.
+
+Build everything by name from the config with `build_encoder`, `build_head` and
+`build_model`; `count_flops` and `model_summary` report cost and size;
+`export_encoder_state` / `load_encoder_weights` move encoder weights to
+downstream jobs as safetensors.
+"""
+
+from pimc_dist.models.flops import count_flops
+from pimc_dist.models.heads import ProjectionHead
+from pimc_dist.models.registry import ENCODER_NAMES, build_encoder, build_head, build_model
+from pimc_dist.models.resnet import ResNet
+from pimc_dist.models.summary import count_params, model_summary
+from pimc_dist.models.two_tower import ContrastiveModel
+from pimc_dist.models.vit import VIT_SIZES, VisionTransformer, default_patch_size, resize_pos_embed
+from pimc_dist.models.weights import (
+    WeightsError,
+    export_encoder_state,
+    load_encoder_weights,
+    read_weights_file,
+    save_encoder_weights,
+)
+
+__all__ = [
+    "ENCODER_NAMES",
+    "VIT_SIZES",
+    "ContrastiveModel",
+    "ProjectionHead",
+    "ResNet",
+    "VisionTransformer",
+    "WeightsError",
+    "build_encoder",
+    "build_head",
+    "build_model",
+    "count_flops",
+    "count_params",
+    "default_patch_size",
+    "export_encoder_state",
+    "load_encoder_weights",
+    "model_summary",
+    "read_weights_file",
+    "resize_pos_embed",
+    "save_encoder_weights",
+]

@@ -1,0 +1,451 @@
+"""Contrastive pretraining (PIMC or MoSAiC) with DeepSpeed; runs on every rank.
+
+    python -m pimc_dist.pretrain --config configs/pretrain/tiny.yaml train.total_samples=4096
+
+Rank, local rank and world size come from torchrun, Slurm or submitit variables
+(`pimc_dist.distributed`); with none set it is a single process. The loop
+counts samples seen (identical on every rank), checkpoints every
+`train.ckpt_every_steps` and at the end, and resumes from the run folder's
+latest checkpoint by default. On SIGTERM/SIGUSR1 it saves a checkpoint and exits
+with `distributed.REQUEUE_EXIT_CODE` so the launcher requeues it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from omegaconf import OmegaConf
+
+from pimc_dist import config as config_lib
+from pimc_dist import distributed
+from pimc_dist.engine import (
+    Engine,
+    convert_to_universal,
+    latest_tag,
+    read_client_state,
+    rng_state,
+    set_rng_state,
+)
+from pimc_dist.tracking import Tracker
+
+# Peak dense bf16 FLOP/s per device, for MFU. Unknown devices report no MFU.
+PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12}
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (non-finite losses, a dead rank, a different run in the folder)."""
+
+
+def build_loss(cfg: Any) -> torch.nn.Module:
+    """The loss module named by `loss.name`."""
+    from pimc_dist import losses
+
+    kw = dict(local_loss=cfg.loss.local_loss, gather_with_grad=cfg.loss.gather_with_grad)
+    if cfg.loss.name == "clip":
+        return losses.ClipLoss(**kw)
+    if cfg.loss.name == "siglip":
+        return losses.SigLipLoss()
+    if cfg.loss.name == "mosaic":
+        return losses.MosaicLoss(
+            w_intra=cfg.loss.w_intra,
+            w_inter=cfg.loss.w_inter,
+            w_sup=cfg.loss.w_sup,
+            sup_positives=cfg.loss.sup_positives,
+            **kw,
+        )
+    raise config_lib.ConfigError(
+        f"loss.name: unknown loss '{cfg.loss.name}' (clip, siglip, mosaic)"
+    )
+
+
+def build_model(cfg: Any) -> torch.nn.Module:
+    """The multi-view contrastive model from `model.*`."""
+    from pimc_dist import models
+
+    if not cfg.model.views:
+        raise config_lib.ConfigError("model.views: no view configured (e.g. rp and rsi for PIMC)")
+    return models.build_model(
+        views=OmegaConf.to_container(cfg.model.views),
+        head=OmegaConf.to_container(cfg.model.head),
+        shared_encoder=cfg.model.shared_encoder,
+        grad_checkpointing=cfg.model.grad_checkpointing,
+        init_temperature=cfg.model.init_temperature,
+    )
+
+
+def random_flip_rot(x: torch.Tensor) -> torch.Tensor:
+    """Per-sample random horizontal flip and 90-degree rotation of (B, C, H, W) crops."""
+    flip = torch.rand(x.shape[0], device=x.device) < 0.5
+    x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+    k = torch.randint(0, 4, (x.shape[0],), device=x.device)
+    out = x.clone()
+    for r in range(1, 4):
+        sel = k == r
+        if sel.any():
+            out[sel] = torch.rot90(x[sel], r, dims=(-2, -1))
+    return out
+
+
+def compute_loss(
+    model: torch.nn.Module, loss_fn: torch.nn.Module, batch: dict[str, Any], method: str
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Forward both views and the contrastive loss; returns (loss, named terms)."""
+    if method == "pimc":
+        out = model({"rp": batch["rp"], "rsi": batch["rsi"]})
+        loss = loss_fn(out["rp"], out["rsi"], out["logit_scale"])
+        return loss, {"clip": loss.detach()}
+    if method == "mosaic":
+        # Two augmentations of each modality in one forward per encoder.
+        views = {
+            v: torch.cat([random_flip_rot(batch[v]), random_flip_rot(batch[v])])
+            for v in ("s2", "s1")
+        }
+        out = model(views)
+        s2_a, s2_b = out["s2"].chunk(2)
+        s1_a, s1_b = out["s1"].chunk(2)
+        loss, terms = loss_fn(s2_a, s2_b, s1_a, s1_b, batch["labels"], out["logit_scale"])
+        return loss, {k: v.detach() for k, v in terms.items()}
+    raise config_lib.ConfigError(f"method: unknown method '{method}' (pimc, mosaic)")
+
+
+def _check_run_folder(cfg: Any, run_dir: Path) -> None:
+    """Refuse to resume into a folder that holds a different run."""
+    saved = run_dir / "config.yaml"
+    if not saved.is_file():
+        return
+    old = config_lib.from_yaml_text(saved.read_text(), str(saved))
+    for key in ("method", "model", "loss.name", "data.shard_dir"):
+        a, b = (OmegaConf.select(c, key) for c in (old, cfg))
+        if a != b:
+            raise TrainingError(
+                f"{run_dir} already holds a different run ({key}: {a} there, {b} now); "
+                f"choose another train.run_dir or name=, or delete the folder to start over"
+            )
+
+
+def _to_device(batch: dict[str, Any], device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
+    out = {}
+    for key, value in batch.items():
+        if isinstance(value, torch.Tensor):
+            value = value.to(device, non_blocking=True)
+            if value.is_floating_point():
+                value = value.to(dtype)
+        out[key] = value
+    return out
+
+
+def _all_finite(loss: torch.Tensor) -> bool:
+    flag = torch.tensor([float(torch.isfinite(loss).all())])
+    if torch.distributed.is_initialized():
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
+    return bool(flag.item())
+
+
+def _gather_objects(obj: Any) -> list[Any]:
+    if not torch.distributed.is_initialized():
+        return [obj]
+    out: list[Any] = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(out, obj)
+    return out
+
+
+def _flops_per_sample(cfg: Any) -> float:
+    """Analytic training FLOPs per sample (3x forward), 0 when unknown."""
+    from pimc_dist.models import count_flops
+
+    total = 0.0
+    for view in cfg.model.views.values():
+        total += count_flops(
+            view.encoder, in_chans=view.in_chans, img_size=view.img_size, patch_size=view.patch_size
+        )
+    factor = 2 if cfg.method == "mosaic" else 1  # two augmentations per modality
+    return 3.0 * factor * total
+
+
+def _peak_flops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
+
+
+def main(cfg: Any) -> int:
+    """Pretrain with `cfg` on this rank; returns the process exit code."""
+    env = distributed.init_distributed(timeout_s=int(cfg.train.collective_timeout_s))
+    distributed.install_stop_handlers()
+    rank, world = env.rank, env.world_size
+    run_dir = Path(cfg.train.run_dir)
+    ckpt_dir = run_dir / "checkpoints"
+
+    # Resume state is read before DeepSpeed starts: a different world size needs
+    # the universal checkpoint format, which is a DeepSpeed config switch.
+    tag = latest_tag(ckpt_dir)
+    state = read_client_state(ckpt_dir, tag) if tag else None
+    load_universal = bool(state and state["world_size"] != world)
+    if rank == 0:
+        _check_run_folder(cfg, run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        config_lib.save(cfg, run_dir / "config.yaml")
+        if load_universal:
+            print(
+                f"resuming {tag} saved with {state['world_size']} ranks on {world}: converting to universal"
+            )
+            tag = convert_to_universal(ckpt_dir, tag)
+    if load_universal:
+        tag = f"{tag}_universal" if not tag.endswith("_universal") else tag
+    distributed.barrier()
+
+    torch.manual_seed(int(cfg.train.seed) + rank)
+    np.random.seed((int(cfg.train.seed) + rank) % 2**32)
+    if cfg.train.deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+
+    from pimc_dist import data
+
+    model = build_model(cfg)
+    loss_fn = build_loss(cfg)
+    global_batch = int(cfg.train.batch_size) * world
+    total_steps = math.ceil(int(cfg.train.total_samples) / global_batch)
+    optimizer_steps = math.ceil(total_steps / int(cfg.train.grad_accum))
+    engine = Engine(
+        cfg,
+        model,
+        world_size=world,
+        rank=rank,
+        total_steps=optimizer_steps,
+        load_universal=load_universal,
+    )
+    device, dtype = engine.device, engine.compute_dtype
+
+    step, samples_seen, data_epoch, run_id = 0, 0, 0, None
+    if tag:
+        engine.load(tag)
+        step, samples_seen, data_epoch = state["step"], state["samples_seen"], state["data_epoch"]
+        run_id = state.get("wandb_id")
+        set_rng_state(state["rng"][str(rank)] if str(rank) in state["rng"] else state["rng"]["0"])
+        if rank == 0:
+            print(f"resumed from {ckpt_dir / tag} at step {step} ({samples_seen} samples seen)")
+
+    loader = data.build_loader(cfg, rank=rank, world_size=world, device=device)
+    tracker = Tracker(
+        cfg, rank=rank, run_dir=run_dir, run_id=run_id, config=OmegaConf.to_container(cfg)
+    )
+    flops_per_sample = _flops_per_sample(cfg)
+    peak = _peak_flops(device)
+
+    def save() -> None:
+        nonlocal data_epoch
+        data_epoch += 1
+        rngs = _gather_objects(rng_state())
+        engine.save(
+            step,
+            {
+                "step": step,
+                "samples_seen": samples_seen,
+                "data_epoch": data_epoch,
+                "rng": {str(r): s for r, s in enumerate(rngs)},
+                "wandb_id": tracker.run_id,
+                "config": config_lib.to_yaml(cfg),
+            },
+        )
+
+    if step == 0 and rank == 0:
+        tracker.log_images(loader.sample_images(int(cfg.tracking.log_images)), step=0)
+
+    progress = _Progress(rank, total=int(cfg.train.total_samples), start=samples_seen)
+    nonfinite_in_row = skipped = 0
+    phase = "start"
+    exit_code = 0
+    loader.set_epoch(data_epoch)
+    batches = iter(loader)
+    window_start, window_samples, window_wait = time.perf_counter(), 0, 0.0
+    try:
+        while samples_seen < int(cfg.train.total_samples):
+            phase = "waiting for data"
+            t0 = time.perf_counter()
+            try:
+                batch = next(batches)
+            except StopIteration:
+                loader.set_epoch(data_epoch := data_epoch + 1)
+                batches = iter(loader)
+                continue
+            batch = _to_device(batch, device, dtype)
+            t1 = time.perf_counter()
+            phase = "forward and loss (feature all-gather)"
+            engine.module.train()
+            loss, terms = compute_loss(engine.module, loss_fn, batch, cfg.method)
+            if not _all_finite(loss):
+                nonfinite_in_row += 1
+                skipped += 1
+                if nonfinite_in_row >= int(cfg.train.max_nonfinite_in_row):
+                    raise TrainingError(
+                        f"loss was not finite for {nonfinite_in_row} steps in a row (step {step}); "
+                        "lower train.lr, enable train.grad_clip, or check the data"
+                    )
+                continue
+            nonfinite_in_row = 0
+            phase = "backward (gradient all-reduce)"
+            engine.module.backward(loss)
+            phase = "optimizer step"
+            engine.module.step()
+            step += 1
+            samples_seen += global_batch
+            window_samples += global_batch
+            window_wait += t1 - t0
+            progress.update(samples_seen, float(loss))
+
+            if step % int(cfg.train.log_every_steps) == 0 or samples_seen >= int(
+                cfg.train.total_samples
+            ):
+                elapsed = time.perf_counter() - window_start
+                rate = window_samples / max(elapsed, 1e-9)
+                metrics = {
+                    "loss": float(loss),
+                    **{f"loss/{k}": float(v) for k, v in terms.items()},
+                    "temperature": 1.0
+                    / float(
+                        engine.module.module.logit_scale.exp().clamp(max=cfg.loss.max_logit_scale)
+                    ),
+                    "lr": engine.lr(),
+                    "grad_norm": engine.grad_norm(),
+                    "samples_seen": samples_seen,
+                    "samples_per_s": rate,
+                    "samples_per_s_per_device": rate / world,
+                    "step_time_s": elapsed / max(1, window_samples // global_batch),
+                    "data_wait_frac": window_wait / max(elapsed, 1e-9),
+                    "nonfinite_skipped": skipped,
+                    **loader.counters(),
+                }
+                if device.type == "cuda":
+                    metrics["peak_mem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
+                    if peak:
+                        metrics["mfu"] = rate * flops_per_sample / (peak * world)
+                tracker.log(metrics, step=step)
+                window_start, window_samples, window_wait = time.perf_counter(), 0, 0.0
+
+            phase = "checkpoint save"
+            if distributed.any_rank_stop_requested():
+                save()
+                if rank == 0:
+                    print(f"stop requested: saved checkpoint at step {step}; exiting for requeue")
+                exit_code = distributed.REQUEUE_EXIT_CODE
+                break
+            if step % int(cfg.train.ckpt_every_steps) == 0:
+                save()
+                loader.set_epoch(data_epoch)
+                batches = iter(loader)
+        else:
+            phase = "final checkpoint save"
+            last = latest_tag(ckpt_dir) if rank == 0 else None
+            if last != f"step{step:08d}":
+                save()
+            if cfg.train.export_on_end:
+                phase = "export"
+                export_encoders(engine, run_dir / "encoders.safetensors", rank)
+    except (RuntimeError, OSError) as exc:
+        if isinstance(exc, TrainingError):
+            raise
+        raise TrainingError(
+            f"rank {rank}: {phase} failed at step {step}: {exc}\n"
+            "A collective that fails or times out usually means another rank died or hangs: "
+            "look at the other ranks' logs (train.collective_timeout_s sets the wait)."
+        ) from exc
+    finally:
+        progress.close()
+    tracker.summary({"samples_seen": samples_seen, "steps": step})
+    tracker.finish(exit_code=0 if exit_code in (0, distributed.REQUEUE_EXIT_CODE) else exit_code)
+    if rank == 0 and exit_code == 0:
+        print(f"done: {step} steps, {samples_seen} samples; run folder {run_dir}")
+        print(
+            f"  checkpoints {ckpt_dir}  metrics {tracker.metrics_path}  W&B files {run_dir / 'wandb'}"
+        )
+    distributed.cleanup()
+    return exit_code
+
+
+def export_encoders(engine: Engine, path: Path, rank: int) -> None:
+    """Write consolidated fp32 weights of every encoder and head as safetensors (rank 0)."""
+    from safetensors.torch import save_file
+
+    from pimc_dist.models import export_encoder_state
+
+    state = engine.full_state_dict()
+    if rank == 0:
+        tensors = export_encoder_state(state)
+        tmp = path.with_suffix(".tmp")
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
+        tmp.replace(path)
+        print(f"exported encoders to {path}")
+
+
+class _Progress:
+    """tqdm bar with rate and ETA on rank 0 on a terminal; a periodic log line otherwise."""
+
+    def __init__(self, rank: int, total: int, start: int):
+        self.rank, self.total = rank, total
+        self.bar = None
+        self.last_print = time.perf_counter()
+        self.t0, self.start = time.perf_counter(), start
+        if rank == 0 and sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(
+                total=total, initial=start, unit="sample", unit_scale=True, dynamic_ncols=True
+            )
+
+    def update(self, seen: int, loss: float) -> None:
+        if self.rank != 0:
+            return
+        if self.bar is not None:
+            self.bar.update(seen - self.bar.n)
+            self.bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
+            return
+        now = time.perf_counter()
+        if now - self.last_print >= 10 or seen >= self.total:
+            rate = (seen - self.start) / max(now - self.t0, 1e-9)
+            eta = (self.total - seen) / max(rate, 1e-9)
+            print(
+                f"[{seen}/{self.total} samples] loss {loss:.4f}  {rate:.0f} samples/s  ETA {eta:.0f}s",
+                flush=True,
+            )
+            self.last_print = now
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m pimc_dist.pretrain",
+        description="Contrastive pretraining (PIMC / MoSAiC) with DeepSpeed; run once per rank.",
+        epilog="example: python -m pimc_dist.pretrain --config configs/pretrain/tiny.yaml train.lr=3e-4",
+    )
+    parser.add_argument("--config", required=True, help="job YAML (configs/pretrain/*.yaml)")
+    parser.add_argument("overrides", nargs="*", help="dotted key=value overrides")
+    return parser.parse_args(argv)
+
+
+def cli(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        cfg = config_lib.load(args.config, args.overrides)
+    except config_lib.ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    try:
+        return main(cfg)
+    except TrainingError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

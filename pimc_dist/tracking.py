@@ -1,0 +1,135 @@
+"""Metrics tracking: a local `metrics.jsonl` always, Weights & Biases from rank 0.
+
+W&B runs offline by default, its files under `<run_dir>/wandb`; `tracking.mode=online`
+needs a key (`wandb login` or WANDB_API_KEY). The W&B run id is kept in the
+checkpoint's client state, so a requeued job continues the same W&B run
+(`wandb.init(id=..., resume="allow")`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+try:
+    import wandb
+except ImportError:  # optional at import time; required only when tracking.wandb is true
+    wandb = None
+
+
+class TrackingError(RuntimeError):
+    """W&B was asked for in a way that cannot work here; the message says what to do."""
+
+
+def _jsonable(value: Any) -> Any:
+    if hasattr(value, "item"):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    return value
+
+
+def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """Rows of a metrics.jsonl; a torn last line (crash mid-write) is ignored, others must parse."""
+    path = Path(path)
+    lines = path.read_text().splitlines()
+    rows = []
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as exc:
+            if i == len(lines) - 1:
+                break
+            raise ValueError(f"{path}:{i + 1}: not valid JSON: {exc}") from exc
+    return rows
+
+
+class Tracker:
+    """Logs metrics on rank 0 to metrics.jsonl and (optionally) W&B; a no-op elsewhere."""
+
+    def __init__(
+        self,
+        cfg: Any,
+        *,
+        rank: int,
+        run_dir: str | os.PathLike,
+        run_id: str | None = None,
+        config: dict[str, Any] | None = None,
+    ):
+        self.active = rank == 0
+        self.run_dir = Path(run_dir)
+        self.metrics_path = self.run_dir / "metrics.jsonl"
+        self.run = None
+        self.run_id = run_id
+        if not self.active:
+            return
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self._file = open(self.metrics_path, "a")  # noqa: SIM115 - closed in finish()
+        if not cfg.tracking.wandb or cfg.tracking.mode == "disabled":
+            return
+        if wandb is None:
+            raise TrackingError("tracking.wandb=true but wandb is not installed: pip install wandb")
+        mode = cfg.tracking.mode
+        if mode == "online" and not (os.environ.get("WANDB_API_KEY") or _netrc_has_wandb()):
+            raise TrackingError(
+                "tracking.mode=online needs a W&B key: run `wandb login` or set WANDB_API_KEY, "
+                "or use tracking.mode=offline and `wandb sync` the run folder later"
+            )
+        self.run_id = run_id or wandb.util.generate_id()
+        self.run = wandb.init(
+            project=cfg.tracking.project,
+            entity=cfg.tracking.entity,
+            group=cfg.tracking.group,
+            tags=list(cfg.tracking.tags),
+            name=cfg.name,
+            id=self.run_id,
+            resume="allow",
+            mode=mode,
+            dir=str(self.run_dir),
+            config=config,
+            settings=wandb.Settings(console="off", x_disable_stats=True),
+        )
+
+    @property
+    def wandb_dir(self) -> str | None:
+        return self.run.dir if self.run is not None else None
+
+    def log(self, metrics: dict[str, Any], step: int) -> None:
+        if not self.active:
+            return
+        row = {"step": step, **{k: _jsonable(v) for k, v in metrics.items()}}
+        self._file.write(json.dumps(row) + "\n")
+        self._file.flush()
+        if self.run is not None:
+            self.run.log(metrics, step=step)
+
+    def log_images(self, images: dict[str, np.ndarray], step: int) -> None:
+        """Log a few HxW or HxWx3 uint8 images (sample plots and crops) to W&B."""
+        if not self.active or self.run is None or not images:
+            return
+        self.run.log({k: wandb.Image(v) for k, v in images.items()}, step=step)
+
+    def summary(self, values: dict[str, Any]) -> None:
+        if self.active and self.run is not None:
+            for key, value in values.items():
+                self.run.summary[key] = _jsonable(value)
+
+    def finish(self, exit_code: int = 0) -> None:
+        if not self.active:
+            return
+        self._file.close()
+        if self.run is not None:
+            self.run.finish(exit_code=exit_code)
+            self.run = None
+
+
+def _netrc_has_wandb() -> bool:
+    netrc = Path.home() / ".netrc"
+    return netrc.is_file() and "api.wandb.ai" in netrc.read_text()

@@ -1,0 +1,118 @@
+"""Config loading: merging, validation errors that name the key and the file, saving."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from pimc_dist import config
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def write(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+def test_overrides_win_over_file_and_file_over_defaults(tmp_path):
+    path = write(tmp_path / "job.yaml", "train:\n  lr: 0.5\n  batch_size: 7\n")
+    cfg = config.load(path, ["train.lr=3e-4"])
+    assert cfg.train.lr == pytest.approx(3e-4)
+    assert cfg.train.batch_size == 7
+    assert cfg.train.weight_decay == config.TrainConfig.weight_decay
+
+
+def test_interpolations_are_resolved(tmp_path):
+    path = write(tmp_path / "job.yaml", "name: myrun\ndata:\n  name: pastis\n")
+    cfg = config.load(path)
+    assert cfg.train.run_dir == "runs/myrun"
+    assert cfg.loader.shards == "shards/pastis"
+
+
+def test_unknown_key_in_file_names_key_and_file(tmp_path):
+    path = write(tmp_path / "job.yaml", "train:\n  lrr: 0.1\n")
+    with pytest.raises(config.ConfigError) as err:
+        config.load(path)
+    assert "train.lrr" in str(err.value) and str(path) in str(err.value)
+
+
+def test_wrong_type_on_command_line_names_key(tmp_path):
+    with pytest.raises(config.ConfigError) as err:
+        config.load(None, ["train.batch_size=many"])
+    assert "train.batch_size" in str(err.value) and "command line" in str(err.value)
+
+
+def test_unknown_nested_view_key_is_rejected():
+    with pytest.raises(config.ConfigError, match="model.views.rp.encoderx"):
+        config.load(None, ["model.views.rp.encoderx=vit_tiny"])
+
+
+def test_override_without_equals_is_rejected():
+    with pytest.raises(config.ConfigError, match="not key=value"):
+        config.load(None, ["train.lr"])
+
+
+def test_missing_file_and_bad_yaml_and_non_mapping_name_the_file(tmp_path):
+    with pytest.raises(config.ConfigError, match="not found"):
+        config.load(tmp_path / "absent.yaml")
+    bad = write(tmp_path / "bad.yaml", "train: [1,\n")
+    with pytest.raises(config.ConfigError, match="not valid YAML") as err:
+        config.load(bad)
+    assert str(bad) in str(err.value)
+    scalar = write(tmp_path / "scalar.yaml", "42\n")
+    with pytest.raises(config.ConfigError, match="mapping"):
+        config.load(scalar)
+
+
+def test_truncated_yaml_is_rejected(tmp_path):
+    good = (REPO / "configs/pretrain/tiny.yaml").read_text()
+    cut = write(tmp_path / "cut.yaml", good[: len(good) // 2] + "\n  : [\n")
+    with pytest.raises(config.ConfigError) as err:
+        config.load(cut)
+    assert str(cut) in str(err.value)
+
+
+def test_missing_required_value_is_reported(tmp_path):
+    path = write(tmp_path / "job.yaml", "name: ???\n")
+    with pytest.raises(config.ConfigError, match="missing required value.*name"):
+        config.load(path)
+
+
+def test_base_files_are_merged_in_order(tmp_path):
+    write(tmp_path / "base.yaml", "train:\n  lr: 0.1\n  batch_size: 3\n")
+    child = write(tmp_path / "child.yaml", "base: base.yaml\ntrain:\n  lr: 0.2\n")
+    cfg = config.load(child)
+    assert (cfg.train.lr, cfg.train.batch_size) == (pytest.approx(0.2), 3)
+
+
+def test_base_cycle_is_detected(tmp_path):
+    write(tmp_path / "a.yaml", "base: b.yaml\n")
+    write(tmp_path / "b.yaml", "base: a.yaml\n")
+    with pytest.raises(config.ConfigError, match="cycle"):
+        config.load(tmp_path / "a.yaml")
+
+
+def test_views_come_only_from_the_file(tmp_path):
+    path = write(
+        tmp_path / "job.yaml", "model:\n  views:\n    s2: {encoder: resnet50, in_chans: 12}\n"
+    )
+    cfg = config.load(path)
+    assert list(cfg.model.views) == ["s2"]
+    assert cfg.model.views.s2.img_size == config.ViewModelConfig.img_size
+
+
+def test_saved_config_round_trips_and_is_validated(tmp_path):
+    cfg = config.load(None, ["train.lr=0.25", "name=x"])
+    out = config.save(cfg, tmp_path / "run" / "config.yaml")
+    again = config.from_yaml_text(out.read_text(), str(out))
+    assert again.train.lr == pytest.approx(0.25) and again.name == "x"
+    assert not list(out.parent.glob("*.tmp"))
+    with pytest.raises(config.ConfigError, match="checkpoint.yaml"):
+        config.from_yaml_text("train:\n  nope: 1\n", "checkpoint.yaml")
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "configs").rglob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_yaml_loads(path):
+    config.load(path)
