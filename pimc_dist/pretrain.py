@@ -47,17 +47,21 @@ def build_loss(cfg: Any) -> torch.nn.Module:
     """The loss module named by `loss.name`."""
     from pimc_dist import losses
 
-    kw = dict(local_loss=cfg.loss.local_loss, gather_with_grad=cfg.loss.gather_with_grad)
+    kw = dict(
+        local_loss=cfg.loss.local_loss,
+        gather_with_grad=cfg.loss.gather_with_grad,
+        max_logit_scale=cfg.loss.max_logit_scale,
+    )
     if cfg.loss.name == "clip":
         return losses.ClipLoss(**kw)
     if cfg.loss.name == "siglip":
-        return losses.SigLipLoss()
+        return losses.SigLipLoss(**kw)
     if cfg.loss.name == "mosaic":
         return losses.MosaicLoss(
             w_intra=cfg.loss.w_intra,
             w_inter=cfg.loss.w_inter,
             w_sup=cfg.loss.w_sup,
-            sup_positives=cfg.loss.sup_positives,
+            positives=cfg.loss.sup_positives,
             **kw,
         )
     raise config_lib.ConfigError(
@@ -77,6 +81,7 @@ def build_model(cfg: Any) -> torch.nn.Module:
         shared_encoder=cfg.model.shared_encoder,
         grad_checkpointing=cfg.model.grad_checkpointing,
         init_temperature=cfg.model.init_temperature,
+        init_logit_bias=-10.0 if cfg.loss.name == "siglip" else None,
     )
 
 
@@ -99,8 +104,11 @@ def compute_loss(
     """Forward both views and the contrastive loss; returns (loss, named terms)."""
     if method == "pimc":
         out = model({"rp": batch["rp"], "rsi": batch["rsi"]})
-        loss = loss_fn(out["rp"], out["rsi"], out["logit_scale"])
-        return loss, {"clip": loss.detach()}
+        if "logit_bias" in out:  # SigLIP
+            loss = loss_fn(out["rp"], out["rsi"], out["logit_scale"], out["logit_bias"])
+        else:
+            loss = loss_fn(out["rp"], out["rsi"], out["logit_scale"])
+        return loss, {}
     if method == "mosaic":
         # Two augmentations of each modality in one forward per encoder.
         views = {
@@ -139,6 +147,16 @@ def _to_device(batch: dict[str, Any], device: torch.device, dtype: torch.dtype) 
                 value = value.to(dtype)
         out[key] = value
     return out
+
+
+def _mean_over_ranks(values: dict[str, float]) -> dict[str, float]:
+    """Mean of each value over ranks (local-form losses are per-rank shares)."""
+    if not torch.distributed.is_initialized() or not values:
+        return values
+    t = torch.tensor(list(values.values()), dtype=torch.float64)
+    torch.distributed.all_reduce(t)
+    t /= torch.distributed.get_world_size()
+    return dict(zip(values, t.tolist(), strict=True))
 
 
 def _all_finite(loss: torch.Tensor) -> bool:
@@ -306,9 +324,9 @@ def main(cfg: Any) -> int:
             ):
                 elapsed = time.perf_counter() - window_start
                 rate = window_samples / max(elapsed, 1e-9)
+                losses = _mean_over_ranks({"loss": float(loss), **{f"loss/{k}": float(v) for k, v in terms.items()}})
                 metrics = {
-                    "loss": float(loss),
-                    **{f"loss/{k}": float(v) for k, v in terms.items()},
+                    **losses,
                     "temperature": 1.0
                     / float(
                         engine.module.module.logit_scale.exp().clamp(max=cfg.loss.max_logit_scale)
