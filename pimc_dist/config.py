@@ -74,7 +74,13 @@ class LoaderConfig:
     shuffle_buffer: int = 2000
     resampled: bool = True  # sample shards with replacement (training); False = exact epochs
     augment: bool = True  # flips and 90-degree rotations of crops
+    # Views flipped/rotated together (co-registered crops get the same transform per sample);
+    # recurrence plots never are (a transpose is their only symmetry, and they are symmetric).
+    augment_views: list[str] = field(default_factory=lambda: ["rsi", "s2", "s1", "image"])
+    normalize: bool = True  # (x - mean) / std per channel from the manifest, float32
     rp_on_the_fly: str = "off"  # off | cpu | gpu: build plots from stored series
+    verify: str = "size"  # none | size | sha256: check shard files against the manifest at start
+    prefetch_factor: int = 4  # batches each worker prepares ahead
 
 
 @dataclass
@@ -91,6 +97,7 @@ class ViewModelConfig:
     share_encoder: str | None = None  # reuse only its encoder, with an own head
     pool: str | None = None  # ViT: cls | mean
     small_input: bool | None = None  # ResNet: 3x3 stem without max pool (default for <= 64 px)
+    width: int | None = None  # ResNet base width (64 in the standard models)
     drop_path_rate: float | None = None
     head: dict[str, Any] | None = None  # per-view head overrides
 
@@ -232,6 +239,19 @@ def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> list[tuple[Path, dict
     return layers
 
 
+def _pop_missing(data: dict[str, Any], prefix: str = "") -> list[str]:
+    """Remove `???` leaves from a YAML mapping and return their dotted keys."""
+    keys = []
+    for key in list(data):
+        value = data[key]
+        if isinstance(value, dict):
+            keys += _pop_missing(value, f"{prefix}{key}.")
+        elif value == MISSING:
+            keys.append(f"{prefix}{key}")
+            del data[key]
+    return keys
+
+
 def load(
     path: str | os.PathLike | None = None, overrides: list[str] | tuple[str, ...] = ()
 ) -> DictConfig:
@@ -239,8 +259,12 @@ def load(
     cfg = OmegaConf.structured(JobConfig)
     if path is not None:
         for layer_path, data in _read_yaml(Path(path)):
+            required = _pop_missing(data)
             try:
                 cfg = OmegaConf.merge(cfg, data)
+                # A merge never replaces a value with "???"; mark required keys explicitly.
+                for key in required:
+                    OmegaConf.update(cfg, key, MISSING)
             except OmegaConfBaseException as exc:
                 raise _error(exc, str(layer_path)) from exc
     for item in overrides:

@@ -164,7 +164,7 @@ def run(cfg: Any) -> Path:
             results = map(write_shard, todo)
             pool = None
         else:
-            pool = mp.get_context("fork").Pool(
+            pool = mp.get_context("spawn").Pool(
                 workers, initializer=_init_worker, initargs=(cfg_yaml,)
             )
             results = pool.imap_unordered(write_shard, todo)
