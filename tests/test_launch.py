@@ -1,0 +1,352 @@
+"""The launcher without Slurm: dry runs, config checks before submission, local jobs, requeue."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from pimc_dist import config, launch
+from pimc_dist.launch import EntryJob, LaunchError, parse_time_minutes
+
+REPO = Path(__file__).resolve().parents[1]
+TESTS = Path(__file__).resolve().parent
+
+
+def run_cli(*args: str, cwd: Path, timeout: int = 180) -> subprocess.CompletedProcess:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), str(TESTS), env.get("PYTHONPATH", "")])
+    return subprocess.run(
+        [sys.executable, "-m", "pimc_dist.launch", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+# ---------------------------------------------------------------------------
+# Dry run and validation (nothing submitted)
+
+
+def test_dry_run_prints_sbatch_directives_and_resolved_config(tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    code = launch.main(
+        [
+            "diagnose",
+            "--cluster",
+            "slurm",
+            "--dry-run",
+            "--nodes",
+            "2",
+            "--gpus-per-node",
+            "4",
+            "--cpus-per-task",
+            "8",
+            "--time",
+            "2-00:00:00",
+            "--partition",
+            "gpu",
+            "--account",
+            "proj",
+            "--exclude",
+            "gpu[001-002]",
+            "--mem",
+            "64G",
+            f"train.run_dir={run_dir}",
+            "train.lr=3e-4",
+        ]
+    )
+    out = capsys.readouterr().out
+    assert code == 0
+    for directive in (
+        "#SBATCH --nodes=2",
+        "#SBATCH --ntasks-per-node=4",  # one task per GPU
+        "#SBATCH --gpus-per-node=4",
+        "#SBATCH --cpus-per-task=8",
+        "#SBATCH --time=2880",
+        "#SBATCH --partition=gpu",
+        "#SBATCH --account=proj",
+        "#SBATCH --exclude='gpu[001-002]'",
+        "#SBATCH --mem=64G",
+        "#SBATCH --signal=USR2@120",
+        "#SBATCH --requeue",
+        f"#SBATCH --output={run_dir}/slurm/%j/%j_0_log.out",
+    ):
+        assert directive in out
+    assert "srun --unbuffered" in out and "submitit.core._submit" in out
+    cfg = out.split("# sbatch script")[0]
+    assert "lr: 0.0003" in cfg and "gpus_per_node: 4" in cfg and "time: 2-00:00:00" in cfg
+    assert not run_dir.exists()  # a dry run writes nothing
+
+
+def test_dry_run_cpu_ranks_use_tasks_per_node_and_no_gpus(tmp_path, capsys):
+    code = launch.main(
+        ["diagnose", "--cluster", "slurm", "--dry-run", "--tasks-per-node", "3"]
+        + [f"train.run_dir={tmp_path}/r"]
+    )
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "#SBATCH --ntasks-per-node=3" in out and "gpus-per-node" not in out
+
+
+def test_pretrain_is_the_default_kind():
+    assert launch.split_words(["train.lr=1"]) == ("pretrain", ["train.lr=1"])
+    assert launch.split_words([]) == ("pretrain", [])
+    assert launch.split_words(["diagnose", "a.b=1"]) == ("diagnose", ["a.b=1"])
+    with pytest.raises(LaunchError, match="unknown job kind 'pretrian'"):
+        launch.split_words(["pretrian"])
+    with pytest.raises(LaunchError, match="'train.lr' is not a key=value"):
+        launch.split_words(["diagnose", "train.lr"])
+
+
+@pytest.mark.parametrize(
+    ("args", "key"),
+    [
+        (["train.lr=fast"], "train.lr"),
+        (["launch.nodes=two"], "launch.nodes"),
+        (["train.no_such_key=1"], "train.no_such_key"),
+        (["--time", "soon"], "launch.time"),
+        (["--mem", "lots"], "launch.mem"),
+        (["--time", "00:01:00", "launch.signal_delay_s=120"], "launch.signal_delay_s"),
+        (["--nodes", "0"], "launch.nodes"),
+    ],
+)
+def test_bad_config_is_rejected_before_submission_naming_the_key(tmp_path, capsys, args, key):
+    run_dir = tmp_path / "run"
+    code = launch.main(["diagnose", "--cluster", "local", f"train.run_dir={run_dir}", *args])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "nothing submitted" in err and f"'{key}'" in err
+    assert not run_dir.exists()
+
+
+def test_bad_yaml_file_is_rejected_naming_file_and_key(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train:\n  batch_size: many\n")
+    code = launch.main(["diagnose", "--config", str(bad), f"train.run_dir={tmp_path}/run"])
+    err = capsys.readouterr().err
+    assert code == 2 and str(bad) in err and "train.batch_size" in err
+    truncated = tmp_path / "cut.yaml"
+    truncated.write_text("train:\n  batch_size: [1, 2\n")
+    assert launch.main(["diagnose", "--config", str(truncated)]) == 2
+    assert str(truncated) in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flag", launch.SLURM_ONLY_KEYS)
+def test_slurm_option_with_local_cluster_is_an_error(tmp_path, capsys, flag):
+    code = launch.main(
+        ["diagnose", "--cluster", "local", f"--{flag}", "x", f"train.run_dir={tmp_path}/run"]
+    )
+    err = capsys.readouterr().err
+    assert code == 2 and f"--{flag} only apply to Slurm" in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_several_nodes_with_local_cluster_is_an_error(tmp_path, capsys):
+    assert launch.main(["diagnose", "--cluster", "local", "--nodes", "2"]) == 2
+    assert "a local run uses one node" in capsys.readouterr().err
+
+
+def test_job_kind_without_its_module_is_not_available_yet(monkeypatch, capsys):
+    monkeypatch.setitem(launch.KINDS, "ghost", "pimc_dist.no_such_module")
+    assert launch.main(["ghost", "--cluster", "local", "--dry-run"]) == 2
+    assert "job kind 'ghost' is not available yet" in capsys.readouterr().err
+
+
+def test_module_check_config_runs_before_submission(tmp_path, monkeypatch, capsys):
+    module = tmp_path / "checked_entry.py"
+    module.write_text(
+        "from pimc_dist.config import ConfigError\n"
+        "def check_config(cfg):\n"
+        "    if cfg.train.batch_size > 8:\n"
+        "        raise ConfigError('invalid key train.batch_size: at most 8 here')\n"
+        "def main(cfg):\n    return 0\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setitem(launch.KINDS, "checked", "checked_entry")
+    code = launch.main(["checked", "--cluster", "local", f"train.run_dir={tmp_path}/run"])
+    assert code == 2 and "train.batch_size" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize(
+    ("text", "minutes"),
+    [
+        ("90", 90),
+        ("01:00:00", 60),
+        ("00:00:30", 1),
+        ("10:30", 11),
+        ("1-00", 1440),
+        ("2-01:30", 2970),
+        ("1-00:00:01", 1441),
+    ],
+)
+def test_slurm_time_limits_convert_to_minutes(text, minutes):
+    assert parse_time_minutes(text) == minutes
+
+
+@pytest.mark.parametrize("text", ["", "0", "1:2:3:4", "ab:cd", "x-01:00", "00:00:00"])
+def test_bad_time_limits_are_rejected(text):
+    with pytest.raises(ValueError, match="time limit"):
+        parse_time_minutes(text)
+
+
+def test_run_folder_becomes_absolute_and_flags_override_file(tmp_path):
+    yaml = tmp_path / "job.yaml"
+    yaml.write_text("name: exp\nlaunch:\n  nodes: 8\n  time: '04:00:00'\n")
+    args = launch.build_parser().parse_intermixed_args(
+        ["--config", str(yaml), "--nodes", "2", "--time", "01:00:00", "launch.nodes=3"]
+    )
+    cfg = launch.load_job_config(args.config, launch.flag_overrides(args), cwd=tmp_path)
+    assert cfg.launch.nodes == 2  # the flag wins over the file and over key=value
+    assert cfg.launch.time == "01:00:00"
+    assert cfg.train.run_dir == str(tmp_path / "runs" / "exp")
+
+
+def test_save_config_keeps_an_earlier_different_config(tmp_path):
+    first = launch.load_job_config(None, [f"train.run_dir={tmp_path}", "train.lr=0.1"])
+    second = launch.load_job_config(None, [f"train.run_dir={tmp_path}", "train.lr=0.2"])
+    launch.save_config(first, tmp_path)
+    launch.save_config(first, tmp_path)  # same config: nothing to keep
+    assert [p.name for p in tmp_path.glob("config*.yaml")] == ["config.yaml"]
+    path = launch.save_config(second, tmp_path)
+    assert config.load(path).train.lr == 0.2
+    kept = [p for p in tmp_path.glob("config.*.yaml")]
+    assert len(kept) == 1 and config.load(kept[0]).train.lr == 0.1
+
+
+def test_checkpoint_resubmits_itself_until_the_requeue_cap():
+    cfg = launch.load_job_config(None, ["launch.max_requeues=2", "train.run_dir=/tmp/x"])
+    job = EntryJob("diagnose", config.to_yaml(cfg))
+    again = job.checkpoint()
+    assert isinstance(again.function, EntryJob) and again.function.requeues == 1
+    assert again.function.cfg_yaml == job.cfg_yaml
+    assert again.function.checkpoint().function.requeues == 2
+    assert EntryJob("diagnose", job.cfg_yaml, requeues=2).checkpoint() is None
+
+
+def test_help_shows_flags_and_an_example():
+    out = launch.build_parser().format_help()
+    for text in ("--nodes", "--gpus-per-node", "--dry-run", "--wait", "--cluster", "examples:"):
+        assert text in out
+
+
+# ---------------------------------------------------------------------------
+# Real local jobs (submitit LocalExecutor, same code path as Slurm)
+
+
+def test_local_diagnose_with_two_ranks_reports_both(tmp_path):
+    run_dir = tmp_path / "run"
+    result = run_cli(
+        "diagnose",
+        "--cluster",
+        "local",
+        "--nodes",
+        "1",
+        "--tasks-per-node",
+        "2",
+        "--wait",
+        f"train.run_dir={run_dir}",
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    out = result.stdout
+    assert "submitted diagnose job" in out and f"run folder: {run_dir}" in out
+    assert "diagnose: 2 ranks on 1 node(s)" in out
+    assert "all_reduce(sum of ranks) = 1, expected 1: OK" in out
+    rows = [line.split() for line in out.splitlines() if line[:1].isdigit() and "cpu" in line]
+    assert sorted(int(r[0]) for r in rows) == [0, 1]
+    assert (run_dir / "config.yaml").is_file()
+    job_id = out.split("submitted diagnose job ")[1].split()[0]
+    for rank in (0, 1):  # one log per rank in the job folder under the run folder
+        assert (run_dir / "slurm" / job_id / f"{job_id}_{rank}_log.out").is_file()
+
+
+def _metrics_steps(run_dir: Path) -> list[int]:
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return []
+    # A line still being written has no newline yet: read complete lines only.
+    lines = path.read_text().split("\n")[:-1]
+    return [json.loads(line)["step"] for line in lines]
+
+
+def _submit_loop(
+    run_dir: Path, cluster: str, nodes: int, tasks: int, steps: int, max_requeues: int
+):
+    cfg = launch.load_job_config(
+        None,
+        [
+            f"train.run_dir={run_dir}",
+            f"train.total_samples={steps}",
+            f"launch.nodes={nodes}",
+            f"launch.tasks_per_node={tasks}",
+            "launch.time=00:10:00",
+            "launch.signal_delay_s=60",
+            f"launch.max_requeues={max_requeues}",
+        ],
+    )
+    job = EntryJob("loop", config.to_yaml(cfg), module="loop_entry")
+    return launch.submit(cfg, "loop", cluster, job=job)
+
+
+def _wait_for_steps(run_dir: Path, count: int, timeout_s: float = 120) -> None:
+    deadline = time.monotonic() + timeout_s
+    while len(_metrics_steps(run_dir)) < count:
+        assert time.monotonic() < deadline, f"no {count} steps in {run_dir}/metrics.jsonl"
+        time.sleep(0.1)
+
+
+def _signal_ranks(run_dir: Path, sig: int) -> None:
+    for pid_file in (run_dir / "pids").iterdir():
+        os.kill(int(pid_file.read_text()), sig)
+
+
+@pytest.fixture
+def loop_entry_importable(monkeypatch):
+    # The job's tasks (child processes) import tests/loop_entry.py.
+    path = os.environ.get("PYTHONPATH", "")
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(p for p in (str(TESTS), path) if p))
+
+
+def test_local_job_stopped_by_signal_saves_requeues_and_resumes(
+    tmp_path, capfd, loop_entry_importable
+):
+    run_dir = tmp_path / "run"
+    sub = _submit_loop(run_dir, "local", nodes=1, tasks=2, steps=14, max_requeues=2)
+    _wait_for_steps(run_dir, 3)
+    # What submitit's local controller sends before the time limit (Slurm: --signal).
+    _signal_ranks(run_dir, signal.SIGUSR2)
+    status = launch.wait_for(sub, poll_s=0.2)
+    out = capfd.readouterr().out
+    assert status == 0, out
+    assert "requeueing (0/2 requeues so far)" in out
+    assert "requeues 1" in out  # the resubmitted job ran
+    assert _metrics_steps(run_dir) == list(range(14))  # resumed: no step missing or repeated
+    pids = {
+        json.loads(line)["pid"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()
+    }
+    assert len(pids) == 2  # two attempts
+
+
+def test_local_job_past_the_requeue_cap_fails_and_keeps_its_checkpoint(
+    tmp_path, capfd, loop_entry_importable
+):
+    run_dir = tmp_path / "run"
+    sub = _submit_loop(run_dir, "local", nodes=1, tasks=2, steps=200, max_requeues=0)
+    _wait_for_steps(run_dir, 2)
+    _signal_ranks(run_dir, signal.SIGUSR1)
+    status = launch.wait_for(sub, poll_s=0.2)
+    captured = capfd.readouterr()
+    assert status != 0
+    assert "not requeueing: 0 requeues done (launch.max_requeues=0)" in captured.out
+    saved = json.loads((run_dir / "loop_ckpt.json").read_text())["step"]
+    assert saved == len(_metrics_steps(run_dir)) < 200
