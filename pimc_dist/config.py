@@ -62,6 +62,8 @@ class DataConfig:
     workers: int = 0  # 0 = all cores
     shard_start: int = 0  # first shard index this task writes (Slurm array tasks)
     shard_count: int | None = None  # None = all remaining
+    # Inputs (patches) that may fail to read before the set is refused (no manifest, exit 1).
+    max_skipped_fraction: float = 0.05
 
 
 @dataclass
@@ -156,6 +158,9 @@ class TrainConfig:
     max_nonfinite_in_row: int = 5
     collective_timeout_s: int = 600
     export_on_end: bool = True
+    # Save a checkpoint and exit 0 once this many steps are done (the run resumes
+    # later with the same total); for time-sliced allocations. None = run to the end.
+    stop_after_steps: int | None = None
 
 
 @dataclass

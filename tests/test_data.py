@@ -1,0 +1,408 @@
+"""The streaming loader: exact round trips, rank/worker splits, equal steps, skips and counters."""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from pimc_dist import config as config_lib
+from pimc_dist import data, shardio
+from pimc_dist.data import LoaderError, ShardStream
+from pimc_dist.shardio import ShardError, ShardSetWriter
+
+VIEWS = ("rp", "series", "rsi")
+
+
+def pimc_sample(i: int, rng: np.random.Generator, steps: int = 12, rsi_dtype=np.int16) -> dict:
+    t = np.linspace(0, 1, steps)
+    series = 0.3 + 0.4 * np.sin(2 * np.pi * (t[None] + rng.random((3, 1))))
+    series += rng.normal(0, 0.05, (3, steps))
+    return {
+        "__key__": f"p{i:05d}",
+        "rp.png": rng.integers(0, 256, (3, 12, 12), dtype=np.uint8),
+        "series.npy": np.clip(series, -1, 1).astype(np.float16),
+        # int16 reflectance x 10000, or float16 reflectance: both are stored as given.
+        "rsi.npy": (
+            rng.integers(0, 6000, (4, 6, 6)) / (1 if rsi_dtype == np.int16 else 1e4)
+        ).astype(rsi_dtype),
+        "json": {
+            "dataset": "demo",
+            "patch": i // 10,
+            "row": i,
+            "col": 0,
+            "label": i % 5,
+            "fold": 1,
+        },
+    }
+
+
+def write_pimc(
+    out, sizes: list[int], seed: int = 0, steps: int = 12, rsi_dtype=np.int16
+) -> dict[str, dict]:
+    """A shard set with the given number of samples per shard; returns the samples by key."""
+    rng = np.random.default_rng(seed)
+    samples = {}
+    writer = ShardSetWriter(out, source="demo", classes=[f"c{k}" for k in range(5)])
+    i = 0
+    for index, size in enumerate(sizes):
+        with writer.shard(index):
+            for _ in range(size):
+                s = pimc_sample(i, rng, steps, rsi_dtype)
+                samples[s["__key__"]] = s
+                writer.write(s)
+                i += 1
+    writer.close()
+    return samples
+
+
+def stream(out, **kw) -> ShardStream:
+    kw.setdefault("views", list(VIEWS))
+    kw.setdefault("batch_size", 8)
+    kw.setdefault("resampled", False)
+    kw.setdefault("shuffle_buffer", 16)
+    return ShardStream(shardio.read_manifest(out), **kw)
+
+
+def keys_of(batches) -> list[str]:
+    return [f"p{m['row']:05d}" for b in batches for m in b["meta"]]
+
+
+@pytest.mark.parametrize("rsi_dtype", [np.int16, np.float16])
+def test_round_trip_is_bit_exact_without_normalisation(tmp_path, rsi_dtype):
+    samples = write_pimc(tmp_path, [20, 20, 8], rsi_dtype=rsi_dtype)
+    batches = list(stream(tmp_path, normalize=False))
+    assert len(batches) == 6
+    for batch in batches:
+        assert batch["rp"].dtype == torch.uint8 and batch["rp"].shape == (8, 3, 12, 12)
+        assert batch["series"].dtype == torch.float16
+        assert batch["rsi"].numpy().dtype == rsi_dtype
+        for j, meta in enumerate(batch["meta"]):
+            original = samples[f"p{meta['row']:05d}"]
+            for view, suffix in (("rp", "rp.png"), ("series", "series.npy"), ("rsi", "rsi.npy")):
+                np.testing.assert_array_equal(batch[view][j].numpy(), original[suffix])
+            assert meta == original["json"] and batch["label"][j] == original["json"]["label"]
+    assert sorted(keys_of(batches)) == sorted(samples)
+
+
+def test_normalisation_uses_the_manifest_statistics(tmp_path):
+    write_pimc(tmp_path, [16])
+    manifest = shardio.read_manifest(tmp_path)
+    raw = next(iter(stream(tmp_path, normalize=False, shuffle=False)))
+    norm = next(iter(stream(tmp_path, normalize=True, shuffle=False)))
+    for view in VIEWS:
+        mean = torch.tensor(manifest.stats[view].mean).view(1, -1, *[1] * (raw[view].ndim - 2))
+        std = torch.tensor(manifest.stats[view].std).view(1, -1, *[1] * (raw[view].ndim - 2))
+        assert norm[view].dtype == torch.float32
+        torch.testing.assert_close(
+            norm[view], ((raw[view].double() - mean) / std).float(), rtol=1e-5, atol=1e-5
+        )
+
+
+def test_exact_epoch_splits_ranks_and_workers_disjointly_and_covers_everything(tmp_path):
+    samples = write_pimc(tmp_path, [13, 29, 6, 16])  # 64 = 2 ranks x 4 batches x 8
+    seen = []
+    for rank in range(2):
+        loader = DataLoader(
+            stream(tmp_path, rank=rank, world_size=2), batch_size=None, num_workers=2
+        )
+        batches = list(loader)
+        assert len(batches) == 4
+        seen.append(keys_of(batches))
+    assert not set(seen[0]) & set(seen[1])
+    assert sorted(seen[0] + seen[1]) == sorted(samples)
+
+
+def test_exact_split_gives_every_worker_disjoint_whole_batches():
+    counts = [13, 29, 6, 16, 1]  # 65 samples; 2 ranks x 3 workers, batches of 4
+    paths = [f"s{i}" for i in range(len(counts))]
+    samples = []  # (shard, index in shard) of every sample handed out
+    per_rank = Counter()
+    for rank in range(2):
+        for worker in range(3):
+            n, tasks = data.exact_split(
+                paths,
+                counts,
+                rank=rank,
+                world_size=2,
+                worker=worker,
+                num_workers=3,
+                batch_size=4,
+                order=[4, 2, 0, 3, 1],
+            )
+            assert n % 4 == 0 and sum(t.count for t in tasks) == n
+            per_rank[rank] += n // 4
+            samples += [(t.path, t.skip + k) for t in tasks for k in range(t.count)]
+    assert per_rank == {0: 8, 1: 8}  # 65 // (2 * 4) batches on each rank
+    assert len(samples) == len(set(samples)) == 64
+    assert all(k < counts[int(path[1:])] for path, k in samples)
+
+
+@pytest.mark.parametrize("workers", [(1, 1), (1, 2)])
+def test_every_rank_yields_the_same_number_of_batches_with_uneven_shards(tmp_path, workers):
+    write_pimc(tmp_path, [37, 2, 11, 1, 23])  # 74 samples; rank 0 would get most of them by shard
+    counts = []
+    for rank, num_workers in enumerate(workers):
+        s = stream(tmp_path, rank=rank, world_size=2, batch_size=6)
+        loader = DataLoader(s, batch_size=None, num_workers=num_workers if num_workers > 1 else 0)
+        for epoch in range(2):
+            s.epoch.set(epoch)
+            counts.append(sum(1 for _ in loader))
+    assert counts == [74 // 12] * 4
+
+
+def test_epochs_reshuffle_but_keep_the_split(tmp_path):
+    write_pimc(tmp_path, [10, 10, 10, 10])
+    s = stream(tmp_path, batch_size=5)
+    s.epoch.set(0)
+    first = keys_of(s)
+    s.epoch.set(1)
+    second = keys_of(s)
+    s.epoch.set(0)
+    assert keys_of(s) == first and first != second and sorted(first) == sorted(second)
+
+
+def test_resampled_streams_differ_per_rank_and_repeat_with_the_seed(tmp_path):
+    write_pimc(tmp_path, [10, 10, 10])
+
+    def first_keys(rank, seed=0):
+        it = iter(stream(tmp_path, resampled=True, rank=rank, world_size=2, seed=seed))
+        return keys_of(next(it) for _ in range(8))  # 64 samples: more than one pass
+
+    a = first_keys(0)
+    assert len(a) == 64 and len(set(a)) <= 30
+    assert a == first_keys(0) and a != first_keys(1) and a != first_keys(0, seed=1)
+
+
+def test_corrupt_and_truncated_shards_are_skipped_counted_and_logged(tmp_path, caplog):
+    write_pimc(tmp_path, [16, 16, 16])
+    path = tmp_path / "shard-000001.tar"
+    raw = bytearray(path.read_bytes())
+    header = raw.index(b"p00020.json")
+    raw[header : header + 512] = b"\x01" * 512  # garbage where a header should be
+    path.write_bytes(bytes(raw))
+    cut = tmp_path / "shard-000002.tar"
+    cut.write_bytes(cut.read_bytes()[:9000])
+    s = stream(tmp_path, normalize=False, views=["rsi"])
+    with caplog.at_level(logging.WARNING, logger="pimc_dist.data"):
+        batches = list(s)
+    assert len(batches) == 6  # the epoch still has its batch count (the good samples are re-read)
+    stats = s.stats.as_dict()
+    assert stats["refills"] == 2 and stats["batches"] == 6  # 22 good samples per pass, 48 needed
+    assert "shard-000001.tar" in caplog.text and "corrupt tar header" in caplog.text
+    assert "shard-000002.tar" in caplog.text and "truncated" in caplog.text
+    # One evaluation pass counts each lost sample once: p00020..31, and 14 of shard 2 after the cut.
+    once = stream(tmp_path, normalize=False, views=["rsi"], drop_last=False, shuffle=False)
+    assert sum(len(b["meta"]) for b in once) == 22
+    assert once.stats.skipped == {"tar": 12 + 14, "missing": 0, "decode": 0, "shape": 0}
+
+
+def patch_member(path, name: str, edit) -> None:
+    """Edit the payload (or, with edit=None, the name) of one tar member in place."""
+    raw = bytearray(path.read_bytes())
+    at = raw.index(name.encode() + b"\0")
+    if edit is None:
+        key, suffix = name.split(".", 1)
+        raw[at : at + len(name)] = f"{key}.x{suffix[1:]}".encode()  # an unknown member now
+    else:
+        size = int(raw[at + 124 : at + 135], 8)
+        raw[at + 512 : at + 512 + size] = edit(bytes(raw[at + 512 : at + 512 + size]))
+    path.write_bytes(bytes(raw))
+
+
+def test_undecodable_samples_are_skipped_by_reason_and_the_run_goes_on(tmp_path, caplog):
+    write_pimc(tmp_path, [24])
+    path = tmp_path / "shard-000000.tar"
+    patch_member(
+        path, "p00001.rp.png", lambda b: b[:60] + bytes(len(b) - 60)
+    )  # broken deflate stream
+    patch_member(path, "p00002.rsi.npy", lambda b: b"\x00" * 6 + b[6:])  # bad .npy magic
+    patch_member(path, "p00003.json", lambda b: b"[" + b[1:])  # not JSON
+    patch_member(path, "p00004.series.npy", None)  # member missing
+    patch_member(
+        path, "p00005.rsi.npy", lambda b: b.replace(b"(4, 6, 6)", b"(6, 4, 6)")
+    )  # wrong shape
+    once = stream(tmp_path, shuffle=False, drop_last=False)
+    with caplog.at_level(logging.WARNING, logger="pimc_dist.data"):
+        delivered = keys_of(once)
+    assert once.stats.skipped == {"tar": 0, "missing": 1, "decode": 3, "shape": 1}
+    bad = {"p00001", "p00002", "p00003", "p00004", "p00005"}
+    assert delivered == [f"p{i:05d}" for i in range(24) if f"p{i:05d}" not in bad]
+    for key in sorted(bad):
+        assert f"shard-000000.tar: sample '{key}'" in caplog.text
+    # Training keeps its batch count: the range is topped up from the good samples.
+    train = stream(tmp_path)
+    assert len(list(train)) == 3 and train.stats.as_dict()["refills"] == 1
+
+
+def mosaic_set(out, n=32, size=6) -> dict[int, dict]:
+    rng = np.random.default_rng(3)
+    samples = {}
+    with ShardSetWriter(out, kind="mosaic", classes=["x", "y", "z"]) as w:
+        for i in range(n):
+            s2 = rng.normal(size=(4, size, size)).astype(np.float32)
+            samples[i] = {
+                "__key__": f"m{i}",
+                "s2.npy": s2,
+                "s1.npy": s2[:2] * 2,  # co-registered with s2, so flips must match
+                "rp.png": rng.integers(0, 256, (3, 5, 5), dtype=np.uint8),
+                "json": {"i": i, "labels": [i % 2, 1, 0], "names": ["x", "y"]},
+            }
+            w.write(samples[i])
+    return samples
+
+
+@pytest.mark.parametrize("normalize", [False, True])
+def test_augmentation_flips_aligned_views_together_and_never_the_plots(tmp_path, normalize):
+    samples = mosaic_set(tmp_path)
+    stats = shardio.read_manifest(tmp_path).stats
+    views = ["s2", "s1", "rp"]
+    s = stream(
+        tmp_path,
+        views=views,
+        batch_size=32,
+        normalize=normalize,
+        shuffle=False,
+        augment_views=views,
+    )
+    batch = next(iter(s))
+    used = []
+    for j, meta in enumerate(batch["meta"]):
+        original = samples[meta["i"]]
+        assert batch["labels"][j].tolist() == original["json"]["labels"]
+        matches = []
+        for k in range(8):
+            expected = {v: data.dihedral(original[f"{v}.npy"], k) for v in ("s2", "s1")}
+            expected["rp"] = original["rp.png"]  # never transformed
+            if normalize:
+                for v, x in expected.items():
+                    mean, std = (
+                        np.array(a).reshape(-1, 1, 1) for a in (stats[v].mean, stats[v].std)
+                    )
+                    expected[v] = (x - mean) / std
+            if all(np.allclose(batch[v][j].numpy(), expected[v], atol=1e-5) for v in views):
+                matches.append(k)
+        assert len(matches) == 1, f"sample {meta['i']}: transforms {matches} match"
+        used.append(matches[0])
+    assert len(set(used)) >= 5  # 32 draws from 8 transforms
+
+
+def test_dihedral_covers_the_eight_symmetries_of_a_square():
+    x = np.arange(9).reshape(1, 3, 3)
+    images = {data.dihedral(x, k).tobytes() for k in range(8)}
+    assert len(images) == 8
+
+
+def test_plots_made_on_the_fly_equal_the_recurrence_module(tmp_path):
+    recurrence = pytest.importorskip("pimc_dist.recurrence")
+    samples = write_pimc(tmp_path, [16])
+    s = stream(tmp_path, views=["rp", "rsi"], rp_on_the_fly="cpu", normalize=False, shuffle=False)
+    batch = next(iter(s))
+    series = np.stack([samples[f"p{m['row']:05d}"]["series.npy"] for m in batch["meta"]])
+    expected = recurrence.recurrence_plot_uint8(series.astype(np.float32))
+    np.testing.assert_array_equal(batch["rp"].numpy(), expected)
+    # The same plots built at the device from the raw series ("gpu" mode, here on the CPU).
+    cfg = config_lib.load(
+        None,
+        [
+            f"loader.shards={tmp_path}",
+            "loader.views=[rp,rsi]",
+            "loader.workers=0",
+            "loader.rp_on_the_fly=gpu",
+        ],
+    )
+    loader = data.build_loader(cfg, train=False)
+    moved = loader.to_device(next(iter(loader)), "cpu")  # all 16 samples, in shard order
+    mean, std = (v[None, :, None, None] for v in loader.stream.builder.norm["rp"])
+    all_series = np.stack([samples[k]["series.npy"] for k in sorted(samples)]).astype(np.float32)
+    all_plots = recurrence.recurrence_plot_uint8(all_series).astype(np.float32)
+    np.testing.assert_allclose(moved["rp"].numpy(), (all_plots - mean) / std, rtol=1e-6)
+    assert "rp_series" not in moved
+
+
+def test_build_loader_from_config_with_workers_counters_and_epochs(tmp_path):
+    write_pimc(tmp_path / "set", [20, 20, 20, 4])
+    cfg = config_lib.load(
+        None,
+        [
+            f"loader.shards={tmp_path / 'set'}",
+            "loader.views=[rp,rsi]",
+            "loader.workers=2",
+            "loader.resampled=false",
+            "loader.verify=sha256",
+            "train.batch_size=8",
+        ],
+    )
+    loader = data.build_loader(cfg, rank=1, world_size=2)
+    assert len(loader) == loader.batches_per_epoch == 4
+    epoch0 = [b for b in loader]
+    loader.set_epoch(0)
+    again = [b for b in loader]
+    assert keys_of(epoch0) == keys_of(again) and len(epoch0) == 4
+    batch = epoch0[0]
+    assert set(batch) == {"rp", "rsi", "label", "meta"}
+    assert batch["rp"].shape == (8, 3, 12, 12) and batch["rsi"].dtype == torch.float32
+    counters = loader.counters()
+    assert (
+        counters["data/samples"] == 64
+        and counters["data/batches"] == 8
+        and counters["data/bytes"] > 0
+    )
+    images = loader.sample_images(2)
+    assert set(images) == {"rp/0", "rp/1", "rsi/0", "rsi/1"} and images["rsi/0"].shape == (6, 6, 3)
+    assert images["rp/0"].dtype == np.uint8
+
+
+def test_build_loader_refuses_a_shard_set_that_disagrees_with_its_manifest(tmp_path):
+    write_pimc(tmp_path, [8, 8, 8])
+    (tmp_path / "shard-000001.tar").unlink()
+    raw = bytearray((tmp_path / "shard-000002.tar").read_bytes())
+    raw[1000] ^= 1
+    (tmp_path / "shard-000002.tar").write_bytes(bytes(raw))
+    cfg = config_lib.load(
+        None, [f"loader.shards={tmp_path}", "loader.verify=sha256", "loader.workers=0"]
+    )
+    with pytest.raises(ShardError) as err:
+        data.build_loader(cfg)
+    assert "shard-000001.tar: listed in manifest.json but missing" in str(err.value)
+    assert "shard-000002.tar: sha256" in str(err.value)
+
+
+def test_loader_errors_name_the_problem(tmp_path):
+    write_pimc(tmp_path, [8])
+    with pytest.raises(LoaderError, match=r"view\(s\) \['s2'\] not in this shard set"):
+        stream(tmp_path, views=["s2"])
+    with pytest.raises(
+        LoaderError, match="8 samples cannot fill one batch of 8 on each of 2 ranks"
+    ):
+        stream(tmp_path, world_size=2, rank=0)
+
+
+def test_a_resampled_stream_over_broken_shards_fails_instead_of_hanging(tmp_path):
+    write_pimc(tmp_path, [8, 8])
+    for path in tmp_path.glob("*.tar"):
+        path.write_bytes(b"\x07" * path.stat().st_size)
+    with pytest.raises(LoaderError, match="shard reads in a row gave no sample"):
+        next(iter(stream(tmp_path, resampled=True)))
+
+
+def test_exact_epoch_with_nothing_decodable_raises(tmp_path):
+    write_pimc(tmp_path, [8])
+    path = tmp_path / "shard-000000.tar"
+    for i in range(8):
+        patch_member(path, f"p{i:05d}.json", lambda b: b"!" + b[1:])
+    with pytest.raises(LoaderError, match=r"no decodable sample in \['shard-000000.tar'\]"):
+        list(stream(tmp_path))
+
+
+def test_evaluation_mode_reads_every_sample_once_in_order(tmp_path):
+    samples = write_pimc(tmp_path, [7, 6])
+    s = stream(tmp_path, shuffle=False, drop_last=False, batch_size=4)
+    batches = list(s)
+    assert [len(b["meta"]) for b in batches] == [4, 4, 4, 1] and s.batches_per_epoch() == 4
+    assert keys_of(batches) == sorted(samples)
+    assert Counter(keys_of(batches)).most_common(1)[0][1] == 1
