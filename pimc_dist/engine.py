@@ -24,6 +24,7 @@ import contextlib
 import json
 import math
 import os
+import pickle
 import random
 import shutil
 import tempfile
@@ -175,27 +176,49 @@ def read_client_state(ckpt_dir: str | os.PathLike, tag: str) -> dict[str, Any]:
     return state
 
 
+# Globals a DeepSpeed checkpoint may reference: its own classes (loss scaler, ZeRO
+# stage enum, fragment addresses) and plain containers. Anything else (os.system,
+# builtins.open, a user's class) makes the load fail instead of running it.
+_ALLOWED_GLOBAL_PREFIXES = ("deepspeed.", "collections.OrderedDict", "torch.", "argparse.Namespace")
+
+
+def _restricted_load(original: Any, path: Any, *args: Any, **kwargs: Any) -> Any:
+    """`torch.load(weights_only=True)` that also admits DeepSpeed's own plain classes."""
+    import importlib
+
+    names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    bad = [n for n in names if not n.startswith(_ALLOWED_GLOBAL_PREFIXES)]
+    if bad:
+        raise CheckpointError(
+            f"{path}: refuses to unpickle {', '.join(sorted(bad))} (not a DeepSpeed type)"
+        )
+    safe = []
+    for name in names:
+        module, _, attr = name.rpartition(".")
+        obj = getattr(importlib.import_module(module), attr, None)
+        if not isinstance(obj, type):  # classes only: a function global could run anything
+            raise CheckpointError(f"{path}: refuses to unpickle {name} (not a class)")
+        safe.append(obj)
+    kwargs["weights_only"] = True
+    with torch.serialization.safe_globals(safe):
+        return original(path, *args, **kwargs)
+
+
 @contextlib.contextmanager
 def _safe_torch_load() -> Iterator[None]:
-    """Make DeepSpeed's checkpoint reads use `torch.load(weights_only=True)`.
+    """Route DeepSpeed's checkpoint reads through `_restricted_load`.
 
-    DeepSpeed 0.19 calls `torch.load(..., weights_only=False)`, which would unpickle
-    any object in a checkpoint file. We route its calls through the restricted
-    unpickler, allowing only the plain types DeepSpeed writes.
+    DeepSpeed 0.19 calls `torch.load(..., weights_only=False)`, which would run any
+    object pickled into a checkpoint file.
     """
     from deepspeed.runtime.checkpoint_engine import torch_checkpoint_engine
-    from deepspeed.runtime.zero.config import ZeroStageEnum
-    from deepspeed.utils.tensor_fragment import fragment_address
 
-    safe = [ZeroStageEnum, fragment_address, torch.Size]
     original = torch_checkpoint_engine.torch.load
 
-    def restricted_load(*args: Any, **kwargs: Any) -> Any:
-        kwargs["weights_only"] = True
-        with torch.serialization.safe_globals(safe):
-            return original(*args, **kwargs)
+    def load(path: Any, *args: Any, **kwargs: Any) -> Any:
+        return _restricted_load(original, path, *args, **kwargs)
 
-    torch_checkpoint_engine.torch.load = restricted_load
+    torch_checkpoint_engine.torch.load = load
     try:
         yield
     finally:
@@ -290,7 +313,19 @@ class Engine:
 
         tag = f"step{step:08d}"
         self.ckpt_dir.mkdir(parents=True, exist_ok=True)
-        self.module.save_checkpoint(str(self.ckpt_dir), tag=tag, client_state={}, save_latest=False)
+        # Pure data parallelism: no tensor/pipeline patterns, only the version key that
+        # DeepSpeed's universal-checkpoint converter requires (to resume on another world size).
+        from deepspeed.checkpoint import constants
+
+        uc_info = {
+            constants.UNIVERSAL_CHECKPOINT_VERSION_KEY: constants.UNIVERSAL_CHECKPOINT_VERSION_VALUE
+        }
+        self.module.save_checkpoint(
+            str(self.ckpt_dir),
+            tag=tag,
+            client_state={constants.UNIVERSAL_CHECKPOINT_INFO: uc_info},
+            save_latest=False,
+        )
         if self.rank == 0:
             state = dict(client_state, tag=tag, world_size=self.world_size)
             _atomic_write_text(self.ckpt_dir / tag / CLIENT_STATE, json.dumps(state))
@@ -319,7 +354,16 @@ class Engine:
         with _safe_torch_load():
             try:
                 path, _ = self.module.load_checkpoint(str(self.ckpt_dir), tag=tag)
-            except (RuntimeError, OSError, EOFError, KeyError, ValueError) as exc:
+            except CheckpointError:
+                raise
+            except (
+                RuntimeError,
+                OSError,
+                EOFError,
+                KeyError,
+                ValueError,
+                pickle.UnpicklingError,
+            ) as exc:
                 raise CheckpointError(
                     f"{self.ckpt_dir / tag}: cannot load checkpoint: {exc}"
                 ) from exc

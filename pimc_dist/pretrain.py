@@ -123,6 +123,37 @@ def compute_loss(
     raise config_lib.ConfigError(f"method: unknown method '{method}' (pimc, mosaic)")
 
 
+def check_config(cfg: Any) -> None:
+    """Checks that need no data or GPU; the launcher runs them before submitting."""
+    if cfg.method not in ("pimc", "mosaic"):
+        raise config_lib.ConfigError(f"method: unknown method '{cfg.method}' (pimc, mosaic)")
+    if cfg.loss.name not in ("clip", "siglip", "mosaic"):
+        raise config_lib.ConfigError(
+            f"loss.name: unknown loss '{cfg.loss.name}' (clip, siglip, mosaic)"
+        )
+    if (cfg.method == "mosaic") != (cfg.loss.name == "mosaic"):
+        raise config_lib.ConfigError(
+            f"loss.name: '{cfg.loss.name}' does not fit method '{cfg.method}'"
+        )
+    needed = {"pimc": {"rp", "rsi"}, "mosaic": {"s2", "s1"}}[cfg.method]
+    missing = needed - set(cfg.model.views)
+    if missing:
+        raise config_lib.ConfigError(
+            f"model.views: method {cfg.method} needs views {sorted(missing)}"
+        )
+    absent = needed - set(cfg.loader.views)
+    if absent and not (absent == {"rp"} and cfg.loader.rp_on_the_fly != "off"):
+        raise config_lib.ConfigError(
+            f"loader.views: method {cfg.method} needs views {sorted(absent)}"
+        )
+    manifest = Path(cfg.loader.shards) / "manifest.json"
+    if not manifest.is_file():
+        raise config_lib.ConfigError(
+            f"loader.shards: no shards found at {cfg.loader.shards} (no manifest.json); make them with "
+            f"`python -m pimc_dist.shard --config <your data or pretrain YAML>` (data.shard_dir={cfg.data.shard_dir})"
+        )
+
+
 def _check_run_folder(cfg: Any, run_dir: Path) -> None:
     """Refuse to resume into a folder that holds a different run."""
     saved = run_dir / "config.yaml"
@@ -138,15 +169,11 @@ def _check_run_folder(cfg: Any, run_dir: Path) -> None:
             )
 
 
-def _to_device(batch: dict[str, Any], device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
-    out = {}
-    for key, value in batch.items():
-        if isinstance(value, torch.Tensor):
-            value = value.to(device, non_blocking=True)
-            if value.is_floating_point():
-                value = value.to(dtype)
-        out[key] = value
-    return out
+def _cast_floats(batch: dict[str, Any], dtype: torch.dtype) -> dict[str, Any]:
+    return {
+        k: v.to(dtype) if isinstance(v, torch.Tensor) and v.is_floating_point() else v
+        for k, v in batch.items()
+    }
 
 
 def _mean_over_ranks(values: dict[str, float]) -> dict[str, float]:
@@ -196,6 +223,7 @@ def _peak_flops(device: torch.device) -> float | None:
 
 def main(cfg: Any) -> int:
     """Pretrain with `cfg` on this rank; returns the process exit code."""
+    check_config(cfg)
     env = distributed.init_distributed(timeout_s=int(cfg.train.collective_timeout_s))
     distributed.install_stop_handlers()
     rank, world = env.rank, env.world_size
@@ -258,9 +286,12 @@ def main(cfg: Any) -> int:
     flops_per_sample = _flops_per_sample(cfg)
     peak = _peak_flops(device)
 
+    saved_step = step
+
     def save() -> None:
-        nonlocal data_epoch
+        nonlocal data_epoch, saved_step
         data_epoch += 1
+        saved_step = step
         rngs = _gather_objects(rng_state())
         engine.save(
             step,
@@ -294,7 +325,7 @@ def main(cfg: Any) -> int:
                 loader.set_epoch(data_epoch := data_epoch + 1)
                 batches = iter(loader)
                 continue
-            batch = _to_device(batch, device, dtype)
+            batch = _cast_floats(loader.to_device(batch, device), dtype)
             t1 = time.perf_counter()
             phase = "forward and loss (feature all-gather)"
             engine.module.train()
@@ -317,14 +348,16 @@ def main(cfg: Any) -> int:
             samples_seen += global_batch
             window_samples += global_batch
             window_wait += t1 - t0
-            progress.update(samples_seen, float(loss))
+            progress.update(samples_seen, float(loss.detach()))
 
             if step % int(cfg.train.log_every_steps) == 0 or samples_seen >= int(
                 cfg.train.total_samples
             ):
                 elapsed = time.perf_counter() - window_start
                 rate = window_samples / max(elapsed, 1e-9)
-                losses = _mean_over_ranks({"loss": float(loss), **{f"loss/{k}": float(v) for k, v in terms.items()}})
+                losses = _mean_over_ranks(
+                    {"loss": float(loss), **{f"loss/{k}": float(v) for k, v in terms.items()}}
+                )
                 metrics = {
                     **losses,
                     "temperature": 1.0
@@ -355,14 +388,18 @@ def main(cfg: Any) -> int:
                     print(f"stop requested: saved checkpoint at step {step}; exiting for requeue")
                 exit_code = distributed.REQUEUE_EXIT_CODE
                 break
+            if cfg.train.stop_after_steps is not None and step >= int(cfg.train.stop_after_steps):
+                save()
+                if rank == 0:
+                    print(f"stopped after step {step} (train.stop_after_steps); rerun to resume")
+                break
             if step % int(cfg.train.ckpt_every_steps) == 0:
                 save()
                 loader.set_epoch(data_epoch)
                 batches = iter(loader)
         else:
             phase = "final checkpoint save"
-            last = latest_tag(ckpt_dir) if rank == 0 else None
-            if last != f"step{step:08d}":
+            if saved_step != step:
                 save()
             if cfg.train.export_on_end:
                 phase = "export"
@@ -460,7 +497,7 @@ def cli(argv: list[str] | None = None) -> int:
         return 2
     try:
         return main(cfg)
-    except TrainingError as exc:
+    except (TrainingError, config_lib.ConfigError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import secrets
 from pathlib import Path
 from typing import Any
 
@@ -82,7 +83,7 @@ class Tracker:
                 "tracking.mode=online needs a W&B key: run `wandb login` or set WANDB_API_KEY, "
                 "or use tracking.mode=offline and `wandb sync` the run folder later"
             )
-        self.run_id = run_id or wandb.util.generate_id()
+        self.run_id = run_id or secrets.token_hex(4)
         self.run = wandb.init(
             project=cfg.tracking.project,
             entity=cfg.tracking.entity,

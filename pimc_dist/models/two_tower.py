@@ -78,11 +78,15 @@ class ContrastiveModel(nn.Module):
         self.heads = nn.ModuleDict(heads)
         self.views: dict[str, tuple[str, str]] = {v: tuple(k) for v, k in views.items()}
         self.embed_dim = embed_dims.pop()
+        # Shape (1,), not a 0-dim scalar: DeepSpeed broadcasts parameters as byte
+        # views at start-up, which fails for 0-dim tensors. forward() returns [0].
         self.logit_scale = nn.Parameter(
-            torch.tensor(float(init_logit_scale)), requires_grad=learn_logit_scale
+            torch.tensor([float(init_logit_scale)]), requires_grad=learn_logit_scale
         )
         self.logit_bias = (
-            None if init_logit_bias is None else nn.Parameter(torch.tensor(float(init_logit_bias)))
+            None
+            if init_logit_bias is None
+            else nn.Parameter(torch.tensor([float(init_logit_bias)]))
         )
 
     def encoder(self, view: str) -> nn.Module:
@@ -110,9 +114,9 @@ class ContrastiveModel(nn.Module):
                 f"its keys are {sorted(map(str, batch))}"
             )
         out = {view: self.embed(view, batch[view]) for view in present}
-        out["logit_scale"] = self.logit_scale
+        out["logit_scale"] = self.logit_scale[0]
         if self.logit_bias is not None:
-            out["logit_bias"] = self.logit_bias
+            out["logit_bias"] = self.logit_bias[0]
         return out
 
     def _keys(self, view: str) -> tuple[str, str]:
