@@ -200,6 +200,75 @@ class LaunchConfig:
 
 
 @dataclass
+class FinetuneConfig:
+    """Downstream evaluation of pretrained encoders (pimc_dist/finetune.py, pimc_dist/tasks.py)."""
+
+    # pastis_forecast | pastis_pixel_cls | eurosat_cls | reben_multilabel | sen12ms_multilabel
+    task: str = "pastis_pixel_cls"
+    # linear: frozen encoder, features cached, a grid of linear heads (probe_lrs) in one pass;
+    # finetune: the whole model through DeepSpeed (train.lr, train.batch_size, ...);
+    # cnn1d: a 1D CNN on the raw index series instead of the encoders (PIMC tasks' baseline).
+    protocol: str = "linear"
+    init: str = "pretrained"  # pretrained (weights from ckpt) | random (same architecture)
+    # encoders.safetensors, or a pretraining run folder holding it and config.yaml (which then
+    # defines the encoder architecture; without one, model.views of this config does).
+    ckpt: str | None = None
+    inputs: list[str] = field(default_factory=list)  # [] = the task's default inputs
+    # Input view -> the pretrained view whose encoder it runs through (e.g. image: rsi).
+    encoder_views: dict[str, str] = field(default_factory=dict)
+    # Input view -> band names to keep, in this order (to match a pretrained encoder's bands).
+    input_bands: dict[str, list[str]] = field(default_factory=dict)
+    # Shard sets per split; None = loader.shards. Every sample's split comes from its JSON
+    # (PASTIS: fold + fold_rotation; others: "split"; neither: a hash of the sample key).
+    train_shards: str | None = None
+    val_shards: str | None = None
+    test_shards: str | None = None
+    fold_rotation: int = 0
+    hash_split: list[float] = field(default_factory=lambda: [0.6, 0.2, 0.2])
+    label_fraction: float = 1.0  # share of the training split with labels (seeded by train.seed)
+    max_samples_per_split: int | None = None  # cap (seeded random subset); None = all
+    probe_lrs: list[float] = field(default_factory=lambda: [1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0])
+    probe_epochs: int = 60
+    probe_batch_size: int = 256
+    probe_weight_decay: float = 0.0
+    epochs: int = 10  # full fine-tuning and cnn1d epochs
+    augment: bool = True  # flips/rotations of crop views while fine-tuning
+    eval_batch_size: int = 256
+    feature_cache: str = "${train.run_dir}/features"
+    # pastis_forecast: the first input_steps grid steps in, the next horizon steps out.
+    input_steps: int = 32
+    horizon: int = 10
+    rp_size: int = 0  # size of the plots made from the input window; 0 = input_steps
+    save_heads: bool = True
+
+
+@dataclass
+class SweepGridConfig:
+    """The axes of a sweep; every combination is one cell (linear cells share the lr axis)."""
+
+    task: list[str] = field(default_factory=list)
+    protocol: list[str] = field(default_factory=lambda: ["linear"])
+    init: list[str] = field(default_factory=lambda: ["pretrained"])
+    lr: list[float] = field(default_factory=list)  # [] = each task config's own
+    label_fraction: list[float] = field(default_factory=lambda: [1.0])
+    seed: list[int] = field(default_factory=lambda: [0])
+
+
+@dataclass
+class SweepConfig:
+    """A grid of fine-tuning runs submitted as one job array (pimc_dist/sweep.py)."""
+
+    # Task name -> fine-tuning YAML; a task not listed uses configs/finetune/<task>.yaml.
+    configs: dict[str, str] = field(default_factory=dict)
+    grid: SweepGridConfig = field(default_factory=SweepGridConfig)
+    overrides: list[str] = field(default_factory=list)  # key=value for every cell
+    parallelism: int = 4  # array tasks running at once (Slurm %N; local: as many slots)
+    rerun_failed: bool = False  # submit only the cells that failed before
+    wait: bool = True  # wait for the array, then aggregate
+    poll_s: float = 5.0
+
+
+@dataclass
 class JobConfig:
     name: str = "run"
     method: str = "pimc"  # pimc | mosaic
@@ -211,6 +280,8 @@ class JobConfig:
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     launch: LaunchConfig = field(default_factory=LaunchConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    sweep: SweepConfig = field(default_factory=SweepConfig)
 
 
 def _error(exc: OmegaConfBaseException, origin: str) -> ConfigError:

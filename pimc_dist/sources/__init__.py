@@ -15,6 +15,7 @@ class list and the sample kind its records make. Names in `data.source`:
 
 from __future__ import annotations
 
+import glob
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -84,8 +85,9 @@ def open_source(data: Any) -> Source:
     if name == "geotiff_stack":
         from pimc_dist.sources.geotiff_stack import GeoTiffStackSource
 
+        # glob.glob, not Path.glob: the pattern may be absolute.
         paths = (
-            sorted(Path().glob(data.root)) if any(ch in data.root for ch in "*?[") else [data.root]
+            sorted(glob.glob(data.root)) if any(ch in data.root for ch in "*?[") else [data.root]
         )
         if not paths:
             raise SourceError(data.root, "no file matches this pattern")
@@ -95,6 +97,9 @@ def open_source(data: Any) -> Source:
             dates=list(data.dates),
             order=data.band_order,
             patch_size=data.patch_size,
+            # Edge patches keep their real extent: PIMC samples need no fixed patch size,
+            # and crops near the image edge are then edge-padded instead of showing nodata.
+            pad_edges=False,
         )
         return Source(name, reader, [], "pimc")
     if name == "eurosat":

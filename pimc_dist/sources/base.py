@@ -22,6 +22,9 @@ class SourceError(ValueError):
         self.path = str(path)
         self.problem = problem
 
+    def __reduce__(self):  # picklable across worker processes
+        return (type(self), (self.path, self.problem))
+
 
 @dataclass
 class TimeSeriesPatch:

