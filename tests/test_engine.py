@@ -25,6 +25,7 @@ def process_group():
         )
         dist.init_process_group("gloo", rank=0, world_size=1)
     yield
+    dist.destroy_process_group()  # later tests expect a process without a group
 
 
 def tiny_cfg(tmp_path, *overrides):
