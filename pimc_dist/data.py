@@ -42,6 +42,7 @@ import json
 import logging
 import multiprocessing as mp
 import random
+import signal
 import zlib
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -945,6 +946,9 @@ def _display_image(x: np.ndarray) -> np.ndarray:
 
 
 def _worker_init(rp_on_the_fly: str, worker_id: int) -> None:
+    # Slurm's SIGTERM reaches every process of a job: the trainer saves a checkpoint
+    # first, so its workers must keep serving batches until the main process exits.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     if rp_on_the_fly == "cpu":  # one numba thread per worker: the workers are the parallelism
         import numba
 

@@ -37,6 +37,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -106,8 +107,14 @@ def precheck(kind: str, cfg: DictConfig) -> None:
     except ImportError as exc:
         raise LaunchError(f"job kind '{kind}': cannot import {name}: {exc}") from exc
     check = getattr(module, "check_config", None)
-    if callable(check):
+    if not callable(check):
+        return
+    try:
         check(cfg)
+    except config.ConfigError:
+        raise
+    except Exception as exc:  # e.g. the run folder holds a different run
+        raise LaunchError(f"{kind} job refused, nothing submitted: {exc}") from exc
 
 
 class EntryJob:
@@ -133,9 +140,11 @@ class EntryJob:
             raise RuntimeError(f"{self.module} has no main(cfg) function")
         env = distributed.detect_env()
         restarts = os.environ.get("SLURM_RESTART_COUNT", "0")
+        # Slurm's node name (several slurmd may share one host); the host name elsewhere.
+        host = os.environ.get("SLURMD_NODENAME") or socket.gethostname()
         print(
             f"[launch] {self.kind} rank {env.rank}/{env.world_size} (local {env.local_rank}, "
-            f"node {env.node_rank}) from {env.source}; requeues {self.requeues}, "
+            f"node {env.node_rank} {host}) from {env.source}; requeues {self.requeues}, "
             f"Slurm restarts {restarts}",
             flush=True,
         )
@@ -327,7 +336,12 @@ def slurm_parameters(cfg: DictConfig, kind: str) -> dict[str, Any]:
         "stderr_to_stdout": True,
         # Tasks unpickle pimc_dist objects: make the package importable even when it is
         # used from a checkout rather than installed.
-        "setup": [f"export PYTHONPATH={PACKAGE_ROOT}${{PYTHONPATH:+:$PYTHONPATH}}"],
+        # OpenMP threads per task: its own cores, not the whole node's (torch's default),
+        # unless the user set OMP_NUM_THREADS.
+        "setup": [
+            f"export PYTHONPATH={PACKAGE_ROOT}${{PYTHONPATH:+:$PYTHONPATH}}",
+            "export OMP_NUM_THREADS=${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-1}}",
+        ],
         "additional_parameters": {"requeue": True},
     }
     if launch.gpus_per_node:
@@ -474,6 +488,7 @@ def submit(cfg: DictConfig, kind: str, cluster: str, job: EntryJob | None = None
         os.environ["PYTHONPATH"] = (
             f"{PACKAGE_ROOT}{os.pathsep}{path}" if path else str(PACKAGE_ROOT)
         )
+        os.environ.setdefault("OMP_NUM_THREADS", str(cfg.launch.cpus_per_task))
     submitted = executor.submit(job)
     folder = Path(str(job_folder(cfg)).replace("%j", str(submitted.job_id)))
     return Submitted(
@@ -564,6 +579,11 @@ def wait_for(sub: Submitted, poll_s: float = 1.0) -> int:
         time.sleep(poll_s)
     time.sleep(poll_s)
     follower.poll()
+    if sub.cluster == "local":
+        # submitit's local controller also creates the job folder with a literal %j; drop it.
+        literal = sub.folder.parent / "%j"
+        if literal.is_dir() and not any(literal.iterdir()):
+            literal.rmdir()
     outcomes = task_outcomes(sub)
     failed = [r for r, (kind, _) in enumerate(outcomes) if kind != "success"]
     if sub.cluster == "slurm" and info is not None:
@@ -651,6 +671,11 @@ def split_words(words: list[str]) -> tuple[str, list[str]]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if not (sys.argv[1:] if argv is None else argv):
+        # No arguments at all: the built-in quickstart (shard, pretrain on 2 local ranks, evaluate).
+        from pimc_dist import quickstart
+
+        return quickstart.main([])
     parser = build_parser()
     # Intermixed: the kind and key=value words may come before, between or after flags.
     args = parser.parse_intermixed_args(argv)
@@ -664,6 +689,10 @@ def main(argv: list[str] | None = None) -> int:
         # An explicit --cluster slurm renders its script in a dry run even where Slurm is absent.
         cluster = resolve_cluster(cfg.launch.cluster)
         check_cluster_fits(cfg, cluster, explicit)
+        submit_jobs = getattr(importlib.import_module(check_kind(kind)), "submit_jobs", None)
+        if callable(submit_jobs):
+            # A kind that submits its own jobs (a sweep: one job array) runs here, not as a job.
+            return int(submit_jobs(cfg, cluster, dry_run=args.dry_run))
         if args.dry_run:
             return _dry_run(cfg, kind, cluster)
         sub = submit(cfg, kind, cluster)

@@ -152,6 +152,7 @@ def check_config(cfg: Any) -> None:
             f"loader.shards: no shards found at {cfg.loader.shards} (no manifest.json); make them with "
             f"`python -m pimc_dist.shard --config <your data or pretrain YAML>` (data.shard_dir={cfg.data.shard_dir})"
         )
+    _check_run_folder(cfg, Path(cfg.train.run_dir))  # before the launcher rewrites config.yaml
 
 
 def _check_run_folder(cfg: Any, run_dir: Path) -> None:

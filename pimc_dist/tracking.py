@@ -108,14 +108,27 @@ class Tracker:
         row = {"step": step, **{k: _jsonable(v) for k, v in metrics.items()}}
         self._file.write(json.dumps(row) + "\n")
         self._file.flush()
-        if self.run is not None:
-            self.run.log(metrics, step=step)
+        self._wandb_call(lambda: self.run.log(metrics, step=step))
+
+    def _wandb_call(self, call: Any) -> None:
+        """Run a W&B call; if its service died (e.g. SIGTERM to the whole job) keep going without it."""
+        if self.run is None:
+            return
+        try:
+            call()
+        except (OSError, RuntimeError, ConnectionError) as exc:
+            print(
+                f"warning: W&B logging stopped ({exc}); metrics.jsonl keeps every row", flush=True
+            )
+            self.run = None
 
     def log_images(self, images: dict[str, np.ndarray], step: int) -> None:
         """Log a few HxW or HxWx3 uint8 images (sample plots and crops) to W&B."""
         if not self.active or self.run is None or not images:
             return
-        self.run.log({k: wandb.Image(v) for k, v in images.items()}, step=step)
+        self._wandb_call(
+            lambda: self.run.log({k: wandb.Image(v) for k, v in images.items()}, step=step)
+        )
 
     def summary(self, values: dict[str, Any]) -> None:
         if self.active and self.run is not None:
@@ -126,9 +139,8 @@ class Tracker:
         if not self.active:
             return
         self._file.close()
-        if self.run is not None:
-            self.run.finish(exit_code=exit_code)
-            self.run = None
+        self._wandb_call(lambda: self.run.finish(exit_code=exit_code))
+        self.run = None
 
 
 def _netrc_has_wandb() -> bool:

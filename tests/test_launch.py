@@ -11,6 +11,14 @@ import time
 from pathlib import Path
 
 import pytest
+from launch_helpers import (
+    TINY,
+    build_tiny_shards,
+    check_logged_steps,
+    expected_logged_steps,
+    metrics_steps,
+    rank_hosts,
+)
 
 from pimc_dist import config, launch
 from pimc_dist.launch import EntryJob, LaunchError, parse_time_minutes
@@ -270,15 +278,6 @@ def test_local_diagnose_with_two_ranks_reports_both(tmp_path):
         assert (run_dir / "slurm" / job_id / f"{job_id}_{rank}_log.out").is_file()
 
 
-def _metrics_steps(run_dir: Path) -> list[int]:
-    path = run_dir / "metrics.jsonl"
-    if not path.exists():
-        return []
-    # A line still being written has no newline yet: read complete lines only.
-    lines = path.read_text().split("\n")[:-1]
-    return [json.loads(line)["step"] for line in lines]
-
-
 def _submit_loop(
     run_dir: Path, cluster: str, nodes: int, tasks: int, steps: int, max_requeues: int
 ):
@@ -300,7 +299,7 @@ def _submit_loop(
 
 def _wait_for_steps(run_dir: Path, count: int, timeout_s: float = 120) -> None:
     deadline = time.monotonic() + timeout_s
-    while len(_metrics_steps(run_dir)) < count:
+    while len(metrics_steps(run_dir)) < count:
         assert time.monotonic() < deadline, f"no {count} steps in {run_dir}/metrics.jsonl"
         time.sleep(0.1)
 
@@ -330,7 +329,7 @@ def test_local_job_stopped_by_signal_saves_requeues_and_resumes(
     assert status == 0, out
     assert "requeueing (0/2 requeues so far)" in out
     assert "requeues 1" in out  # the resubmitted job ran
-    assert _metrics_steps(run_dir) == list(range(14))  # resumed: no step missing or repeated
+    assert metrics_steps(run_dir) == list(range(14))  # resumed: no step missing or repeated
     pids = {
         json.loads(line)["pid"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()
     }
@@ -349,4 +348,148 @@ def test_local_job_past_the_requeue_cap_fails_and_keeps_its_checkpoint(
     assert status != 0
     assert "not requeueing: 0 requeues done (launch.max_requeues=0)" in captured.out
     saved = json.loads((run_dir / "loop_ckpt.json").read_text())["step"]
-    assert saved == len(_metrics_steps(run_dir)) < 200
+    assert saved == len(metrics_steps(run_dir)) < 200
+
+
+# ---------------------------------------------------------------------------
+# Pretraining through the launcher (no Slurm: submitit LocalExecutor)
+
+
+@pytest.fixture(scope="module")
+def tiny_shards(tmp_path_factory) -> Path:
+    return build_tiny_shards(tmp_path_factory.mktemp("launch_pretrain_data"))
+
+
+def test_dry_run_of_pretrain_shows_sbatch_script_and_resolved_config(tmp_path, tiny_shards, capsys):
+    run_dir = tmp_path / "run"
+    overrides = [f"train.run_dir={run_dir}", f"loader.shards={tiny_shards}", "train.lr=5e-4"]
+    code = launch.main(
+        ["--cluster", "slurm", "--dry-run", "--nodes", "2", "--config", str(TINY), *overrides]
+    )
+    out = capsys.readouterr().out
+    assert code == 0, out
+    head, script = out.split("# sbatch script submitit would submit (%j = job id)\n")
+    assert head.startswith("# resolved config (pretrain job, cluster slurm); nothing submitted\n")
+    # The printed config is the whole resolved job: it loads back to what the job would run.
+    printed = config.from_yaml_text(head.split("\n", 1)[1], "dry-run output")
+    assert printed == launch.load_job_config(
+        str(TINY), [*overrides, "launch.nodes=2", "launch.cluster='slurm'"]
+    )
+    assert printed.loader.shards == str(tiny_shards) and printed.train.lr == 5e-4
+    assert printed.model.views.rp.encoder == "resnet18"  # from tiny.yaml
+    for line in (
+        "#SBATCH --job-name=tiny-pretrain",
+        "#SBATCH --nodes=2",
+        "#SBATCH --ntasks-per-node=2",  # tiny.yaml: 2 CPU ranks per node
+        "#SBATCH --requeue",
+        "#SBATCH --signal=USR2@120",
+        f"#SBATCH --output={run_dir}/slurm/%j/%j_0_log.out",
+        "export OMP_NUM_THREADS=${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-1}}",
+    ):
+        assert line in script, line
+    assert "srun --unbuffered" in script and f"{run_dir}/slurm/%j" in script
+    assert not run_dir.exists()  # a dry run writes nothing
+
+
+@pytest.mark.parametrize(
+    ("override", "key"),
+    [
+        ("loader.shards={missing}", "loader.shards"),  # pretrain.check_config: no shards there
+        ("method=simclr", "method"),
+        ("loss.name=mosaic", "loss.name"),  # does not fit method pimc
+        ("train.batch_size=many", "train.batch_size"),  # schema type
+        ("model.views.rp.no_such_key=1", "no_such_key"),  # schema key
+    ],
+)
+def test_bad_pretrain_config_is_rejected_before_submission_naming_the_key(
+    tmp_path, tiny_shards, capsys, override, key
+):
+    run_dir = tmp_path / "run"
+    override = override.format(missing=tmp_path / "no_shards")
+    code = launch.main(
+        ["--cluster", "local", "--config", str(TINY), f"train.run_dir={run_dir}"]
+        + [f"loader.shards={tiny_shards}", override]
+    )
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert "invalid config, nothing submitted" in err and key in err, err
+    assert not run_dir.exists()
+
+
+def test_resubmitting_a_different_run_into_a_run_folder_is_refused(tmp_path, tiny_shards, capsys):
+    run_dir = tmp_path / "run"
+    common = ["--cluster", "local", "--config", str(TINY), f"train.run_dir={run_dir}"]
+    common += [f"loader.shards={tiny_shards}"]
+    earlier = launch.load_job_config(str(TINY), common[4:])
+    saved = launch.save_config(earlier, run_dir)  # what the first submission left there
+    before = saved.read_text()
+    assert launch.main([*common, "loss.name=siglip"]) == 2
+    err = capsys.readouterr().err
+    assert "already holds a different run" in err and "loss.name" in err, err
+    assert saved.read_text() == before and not (run_dir / "slurm").exists()
+    # The same run with another learning rate may resume there.
+    assert launch.main([*common, "--dry-run", "train.lr=1e-4"]) == 0
+
+
+def test_local_pretrain_with_two_ranks_writes_checkpoint_metrics_and_wandb(tmp_path, tiny_shards):
+    run_dir = tmp_path / "run"
+    result = run_cli(
+        "--cluster",
+        "local",
+        "--nodes",
+        "1",
+        "--tasks-per-node",
+        "2",
+        "--wait",
+        "--config",
+        str(TINY),
+        f"train.run_dir={run_dir}",
+        f"loader.shards={tiny_shards}",
+        "train.total_samples=256",  # 4 steps of 2 x 32 samples
+        "train.ckpt_every_steps=2",
+        "train.log_every_steps=1",
+        cwd=tmp_path,
+        timeout=300,
+    )
+    out = result.stdout + result.stderr
+    assert result.returncode == 0, out[-5000:]
+    assert "ended: FINISHED, exit status 0" in out
+    assert metrics_steps(run_dir) == [1, 2, 3, 4]
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["samples_seen"] == 256  # 64 per step: both ranks took part
+    assert (run_dir / "checkpoints" / "latest").read_text() == "step00000004"
+    state = json.loads((run_dir / "checkpoints/step00000004/client_state.json").read_text())
+    assert state["world_size"] == 2 and state["samples_seen"] == 256
+    assert list((run_dir / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert (run_dir / "encoders.safetensors").is_file()
+    job_id = out.split("submitted pretrain job ")[1].split()[0]
+    assert rank_hosts(run_dir / "slurm" / job_id).keys() == {0, 1}
+    assert sorted(p.name for p in (run_dir / "slurm").iterdir()) == [job_id]  # no stray %j
+
+
+# ---------------------------------------------------------------------------
+# The resume rule the Slurm tests apply to metrics.jsonl
+
+
+def test_logged_steps_check_allows_exactly_the_steps_after_the_last_checkpoint():
+    kw = {"planned": 12, "log_every": 2, "ckpt_every": 4}
+    assert check_logged_steps([2, 4, 6, 8, 10, 12], resumes=[], **kw) == 0
+    # Stopped on a signal after step 7 with a checkpoint there: nothing repeated.
+    assert check_logged_steps([2, 4, 6, 8, 10, 12], resumes=[7], **kw) == 0
+    # Killed after logging step 6: resumed from the checkpoint at 4, step 6 logged again.
+    assert check_logged_steps([2, 4, 6, 6, 8, 10, 12], resumes=[4], **kw) == 1
+    assert check_logged_steps([2, 4, 6, 8, 6, 8, 10, 12], resumes=[4], **kw) == 2
+    bad = [
+        ([2, 4, 8, 10, 12], [], "steps missing between 4 and 8"),
+        ([2, 4, 6, 8, 10], [], "ended at step 10"),
+        ([2, 4, 6, 4, 6, 8, 10, 12], [], "no resume left"),
+        ([2, 4, 6, 8, 2, 4, 6, 8, 10, 12], [0], "more than one checkpoint interval"),
+        ([2, 4, 6, 8, 6, 8, 10, 12], [1], "resumed at step 1 but the next row is 6"),
+        ([2, 4, 6, 8, 6, 8, 10, 12], [6], "no resume left"),  # 6 resumes without repeating
+        ([2, 4, 6, 8, 10, 12], [1], "do not show"),  # a resume at 1 would re-log 2
+        ([4, 6, 8, 10, 12], [], "first logged step 4"),
+    ]
+    for steps, resumes, message in bad:
+        with pytest.raises(AssertionError, match=message):
+            check_logged_steps(steps, resumes=resumes, **kw)
+    assert expected_logged_steps(10, 4) == [4, 8, 10]

@@ -17,6 +17,14 @@ import time
 from pathlib import Path
 
 import pytest
+from launch_helpers import (
+    TINY,
+    build_tiny_shards,
+    check_logged_steps,
+    metrics_steps,
+    rank_hosts,
+    resumed_at,
+)
 
 from pimc_dist import config, launch
 from pimc_dist.launch import EntryJob
@@ -72,15 +80,6 @@ def wait_final(job_id: str, timeout_s: float = 240) -> dict[str, str]:
         f"job {job_id} to end",
         timeout_s,
     )
-
-
-def metrics_steps(run_dir: Path) -> list[int]:
-    path = run_dir / "metrics.jsonl"
-    if not path.exists():
-        return []
-    # A line still being written has no newline yet: read complete lines only.
-    lines = path.read_text().split("\n")[:-1]
-    return [json.loads(line)["step"] for line in lines]
 
 
 # ---------------------------------------------------------------------------
@@ -178,6 +177,182 @@ def test_scontrol_requeue_stops_at_a_step_and_resumes_from_checkpoint(tmp_path, 
     info = wait_final(sub.job_id)
     assert info["JobState"] == "COMPLETED", info
     assert metrics_steps(run_dir) == list(range(steps))
+
+
+# ---------------------------------------------------------------------------
+# Pretraining: python -m pimc_dist.launch --nodes 2 --cluster slurm --config tiny.yaml
+
+STEP_SAMPLES = 64  # 2 ranks x train.batch_size 32 (tiny.yaml)
+
+
+@pytest.fixture(scope="module")
+def tiny_shards(tmp_path_factory) -> Path:
+    return build_tiny_shards(tmp_path_factory.mktemp("slurm_pretrain_data"))
+
+
+def launch_pretrain(run_dir: Path, shards: Path, steps: int, *extra: str) -> subprocess.Popen:
+    """The launcher CLI with --wait on 2 nodes, one CPU rank each; it follows rank 0's log."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "pimc_dist.launch", "--nodes", "2", "--tasks-per-node", "1"]
+        + ["--cluster", "slurm", "--wait", "--time", "00:10:00", "--config", str(TINY)]
+        + [f"train.run_dir={run_dir}", f"loader.shards={shards}"]
+        + [f"train.total_samples={steps * STEP_SAMPLES}", *extra],
+        cwd=run_dir.parent,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+def finish(proc: subprocess.Popen, timeout_s: float = 330) -> tuple[int, str]:
+    try:
+        out, _ = proc.communicate(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, _ = proc.communicate()
+        raise AssertionError(
+            f"launcher still waiting after {timeout_s} s:\n{out[-5000:]}"
+        ) from None
+    return proc.returncode, out
+
+
+def submitted_job_id(run_dir: Path) -> str:
+    """The job id, from the job folder the launcher creates at submission (run_dir/slurm/<id>)."""
+    return wait_until(
+        lambda: next((p.name for p in (run_dir / "slurm").glob("*") if p.name.isdigit()), None),
+        "the job folder",
+        timeout_s=60,
+    )
+
+
+def final_state(run_dir: Path) -> dict:
+    """client_state.json of the latest checkpoint."""
+    ckpt = run_dir / "checkpoints"
+    return json.loads((ckpt / (ckpt / "latest").read_text() / "client_state.json").read_text())
+
+
+def test_pretrain_on_two_nodes_exits_zero_with_checkpoint_metrics_and_wandb(tmp_path, tiny_shards):
+    run_dir = tmp_path / "run"
+    code, out = finish(launch_pretrain(run_dir, tiny_shards, 4, "train.log_every_steps=1"))
+    assert code == 0, out[-5000:]
+    job_id = out.split("submitted pretrain job ")[1].split()[0]
+    assert f"[launch] job {job_id} ended: COMPLETED, exit status 0" in out
+    assert job_info(job_id)["NumNodes"] == "2"
+    # Both nodes took part: each rank's log names its node, and the job's global batch
+    # and checkpoint shards come from 2 ranks.
+    assert rank_hosts(run_dir / "slurm" / job_id) == {0: {"n1"}, 1: {"n2"}}
+    assert metrics_steps(run_dir) == [1, 2, 3, 4]
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["samples_seen"] for r in rows] == [64, 128, 192, 256]
+    state = final_state(run_dir)
+    assert state["step"] == 4 and state["world_size"] == 2
+    for rank in (0, 1):
+        assert (
+            run_dir
+            / "checkpoints"
+            / state["tag"]
+            / f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt"
+        ).is_file()
+    offline = list((run_dir / "wandb").glob("offline-run-*"))
+    assert len(offline) == 1 and list(offline[0].glob("run-*.wandb")), offline
+    assert (run_dir / "encoders.safetensors").is_file()
+    assert (run_dir / "config.yaml").is_file()
+
+
+def test_pretrain_requeued_by_submitit_signal_resumes_without_repeating_a_step(
+    tmp_path, tiny_shards
+):
+    run_dir = tmp_path / "run"
+    steps = 8
+    proc = launch_pretrain(
+        run_dir, tiny_shards, steps, "train.ckpt_every_steps=4", "train.log_every_steps=1"
+    )
+    job_id = submitted_job_id(run_dir)
+    wait_until(lambda: len(metrics_steps(run_dir)) >= 2, "the first steps", timeout_s=240)
+    # What Slurm sends signal_delay_s before the time limit (submitit: USR2).
+    subprocess.run(["scancel", "--signal=USR2", job_id], check=True)
+    code, out = finish(proc)
+    assert code == 0, out[-5000:]
+    assert job_info(job_id)["Restarts"] == "1"
+    log = (run_dir / "slurm" / job_id / f"{job_id}_0_log.out").read_text()
+    stops = [int(m) for m in re.findall(r"stop requested: saved checkpoint at step (\d+)", log)]
+    assert len(stops) == 1 and 2 <= stops[0] < steps, log[-5000:]
+    assert "requeueing (0/3 requeues so far)" in log and "requeues 1, Slurm restarts 1" in log
+    assert resumed_at(log) == stops
+    # Stopped at a step boundary with a checkpoint there: every step logged exactly once.
+    assert metrics_steps(run_dir) == list(range(1, steps + 1))
+    check_logged_steps(
+        metrics_steps(run_dir), planned=steps, log_every=1, ckpt_every=4, resumes=stops
+    )
+    state = final_state(run_dir)
+    assert state["step"] == steps and state["samples_seen"] == steps * STEP_SAMPLES
+    assert rank_hosts(run_dir / "slurm" / job_id) == {0: {"n1"}, 1: {"n2"}}
+    # The resumed attempt continues the same W&B run (same id, a second offline folder).
+    ids = {p.name.rsplit("-", 1)[1] for p in (run_dir / "wandb").glob("offline-run-*")}
+    assert ids == {state["wandb_id"]}
+    assert len(list((run_dir / "wandb").glob("offline-run-*"))) == 2
+
+
+def test_pretrain_requeued_by_scontrol_resumes_from_its_checkpoint(tmp_path, tiny_shards):
+    run_dir = tmp_path / "run"
+    steps, ckpt_every, log_every = 8, 4, 1
+    proc = launch_pretrain(
+        run_dir,
+        tiny_shards,
+        steps,
+        f"train.ckpt_every_steps={ckpt_every}",
+        f"train.log_every_steps={log_every}",
+    )
+    job_id = submitted_job_id(run_dir)
+    # Interrupt between checkpoints: after the one at step 4, before the one at 8.
+    wait_until(
+        lambda: (run_dir / "checkpoints" / "latest").is_file() and 5 in metrics_steps(run_dir),
+        "the checkpoint at step 4",
+        timeout_s=240,
+    )
+    interrupted_after = max(metrics_steps(run_dir))
+    # Slurm sends SIGTERM to every process of the job, then SIGKILL, and requeues it itself.
+    subprocess.run(["scontrol", "requeue", job_id], check=True)
+    code, out = finish(proc)
+    assert code == 0, out[-5000:]
+    assert job_info(job_id)["Restarts"] == "1"
+    log = (run_dir / "slurm" / job_id / f"{job_id}_0_log.out").read_text()
+    resumes = resumed_at(log)
+    assert len(resumes) == 1 and ckpt_every <= resumes[0] < steps, log[-5000:]
+    logged = metrics_steps(run_dir)
+    assert interrupted_after < steps and logged[:interrupted_after] == list(
+        range(1, interrupted_after + 1)
+    )
+    # Every step once, except those between the checkpoint it resumed from and the
+    # interruption, which the resumed attempt logs again (at most one interval).
+    check_logged_steps(
+        logged, planned=steps, log_every=log_every, ckpt_every=ckpt_every, resumes=resumes
+    )
+    state = final_state(run_dir)
+    assert state["step"] == steps and state["samples_seen"] == steps * STEP_SAMPLES
+
+
+@pytest.mark.parametrize(
+    ("override", "key"),
+    [
+        ("loader.shards={missing}", "loader.shards"),
+        ("train.warmup_fraction=most", "train.warmup_fraction"),
+    ],
+)
+def test_bad_pretrain_config_is_rejected_before_anything_reaches_slurm(
+    tmp_path, tiny_shards, capsys, override, key
+):
+    run_dir = tmp_path / "run"
+    before = subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True).stdout
+    code = launch.main(
+        ["--nodes", "2", "--cluster", "slurm", "--config", str(TINY), f"train.run_dir={run_dir}"]
+        + [f"loader.shards={tiny_shards}", override.format(missing=tmp_path / "none")]
+    )
+    err = capsys.readouterr().err
+    assert code == 2 and "nothing submitted" in err and key in err, err
+    after = subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True).stdout
+    assert set(after.split()) <= set(before.split())
+    assert not run_dir.exists()
 
 
 # ---------------------------------------------------------------------------
