@@ -239,6 +239,9 @@ class FinetuneConfig:
     input_steps: int = 32
     horizon: int = 10
     rp_size: int = 0  # size of the plots made from the input window; 0 = input_steps
+    # last: models predict the change from the last observed value (a plot is blind to the
+    # series level); none: they predict the values themselves.
+    forecast_anchor: str = "last"
     save_heads: bool = True
 
 

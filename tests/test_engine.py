@@ -69,7 +69,7 @@ def test_deepspeed_config_from_job_config_and_json_file(tmp_path):
     )
     ds = engine.deepspeed_config(cfg, world_size=4)
     assert ds["train_batch_size"] == 64
-    assert ds["zero_optimization"] == {"stage": 1, "overlap_comm": True}
+    assert ds["zero_optimization"] == {"stage": 1, "reduce_scatter": False, "overlap_comm": True}
     assert ds["bf16"]["enabled"] is True
 
 

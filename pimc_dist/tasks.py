@@ -1,0 +1,618 @@
+"""Downstream tasks: what each reads from the shards, what the model sees, what it predicts, how it is scored.
+
+| task               | shards    | inputs (default)         | target                     | primary metric |
+|--------------------|-----------|--------------------------|----------------------------|----------------|
+| pastis_forecast    | PIMC      | rp of the input window   | the next `horizon` values  | rmse (lower)   |
+|                    |           |                          | of NDVI, EVI, SAVI         |                |
+| pastis_pixel_cls   | PIMC      | rp (as stored)           | crop class, void ignored   | miou           |
+| eurosat_cls        | scene     | image                    | one of 10 classes          | accuracy (oa)  |
+| reben_multilabel   | MoSAiC    | s2                       | 19 labels, multi-hot       | map_macro      |
+| sen12ms_multilabel | MoSAiC    | s2                       | 10 labels, multi-hot       | map_macro      |
+
+Inputs: `rp`, `rsi`, `image`, `s2`, `s1` go through encoders; `series` is the raw
+index series (flattened for linear heads, a 1D CNN in the `cnn1d` protocol).
+PIMC tasks may add `rsi` (the crop) or `series` to their inputs.
+
+Forecasting. From the first `input_steps` (32) values of the regular-grid
+series the model predicts the next `horizon` (10) of each index. The plots are
+made from the input window only (`pimc_dist.recurrence.recurrence_plot_uint8`,
+the stored plot spans the horizon too). A recurrence plot keeps distances
+between dates, not the level of the series, so by default
+(`finetune.forecast_anchor=last`) models predict the change from the last
+observed value (the persistence forecast) and the forecast is that value plus
+the change; `none` makes them predict the values themselves. The raw window
+can be added as an input (`finetune.inputs=[rp,series]`). Reported RMSEs are on
+the values themselves.
+Baselines scored on the same samples: `persistence` (last value), `seasonal_naive`
+and `climatology` (the mean training curve of the horizon dates). The window
+holds less than a year (32 x 10 days), so no value from a year earlier exists;
+`seasonal_naive` repeats the last `horizon` observed values (season = horizon
+length), the usual fallback of seasonal-naive forecasting with a short history.
+
+Splits. Each sample's split comes from its JSON: PASTIS samples by their
+`fold` and the official rotation (`sources.pastis.FOLD_ROTATION[fold_rotation]`:
+train/val/test folds), others by `split` ("train", "val"/"validation", "test").
+Samples with neither get a split from a hash of their patch id
+(`finetune.hash_split` fractions), so all pixels of a patch share a split. The
+three splits may come from one shard set (filtered here) or from separate sets
+(`finetune.{train,val,test}_shards`, filtered the same way, so a set made with
+`data.split=train` simply passes through).
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from pimc_dist import metrics as metrics_lib
+
+SPLITS = ("train", "val", "test")
+SPLIT_ALIASES = {"train": "train", "val": "val", "validation": "val", "test": "test"}
+INDEX_NAMES = ("NDVI", "EVI", "SAVI")
+ENCODED_VIEWS = ("rp", "rsi", "image", "s2", "s1")
+RAW_VIEWS = ("series",)
+CROP_VIEWS = ("rsi", "image", "s2", "s1")  # flipped/rotated when fine-tuning with augment
+# Plot statistics when the shard set has none for "rp": the mid-grey of the uint8 scale.
+RP_FALLBACK_STATS = (127.5, 127.5)
+
+
+class TaskError(ValueError):
+    """A task cannot run on this data or with these settings; the message says why."""
+
+
+# ---------------------------------------------------------------------------
+# Splits in memory
+# ---------------------------------------------------------------------------
+
+
+@dataclass
+class SplitData:
+    """One split in memory, samples sorted by key.
+
+    `inputs`: view -> array in its stored dtype (normalised per batch, see `Normalizer`);
+    `target`: labels (N,), multi-hot (N, K) or forecast residuals (N, C, H);
+    `base`: forecasting only, the value (N, C) the residual targets start from (the last
+    observed one, or 0 with forecast_anchor none); `window`: forecasting only, the input
+    window (N, C, T) as values, for the baselines.
+    """
+
+    inputs: dict[str, np.ndarray]
+    target: np.ndarray
+    keys: list[str]
+    base: np.ndarray | None = None
+    dropped: dict[str, int] = field(default_factory=dict)
+    window: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def subset(self, index: np.ndarray | Sequence[int]) -> SplitData:
+        index = np.asarray(index, dtype=np.int64)
+        return SplitData(
+            inputs={k: v[index] for k, v in self.inputs.items()},
+            target=self.target[index],
+            keys=[self.keys[i] for i in index],
+            base=None if self.base is None else self.base[index],
+            dropped=dict(self.dropped),
+            window=None if self.window is None else self.window[index],
+        )
+
+
+def label_subset(n: int, fraction: float, seed: int) -> np.ndarray:
+    """Sorted indices of a seeded random `fraction` of n samples (at least one)."""
+    if not 0.0 < fraction <= 1.0:
+        raise TaskError(f"finetune.label_fraction must be in (0, 1], got {fraction}")
+    if fraction >= 1.0:
+        return np.arange(n)
+    k = max(1, int(round(fraction * n)))
+    rng = np.random.default_rng([int(seed), 7919])
+    return np.sort(rng.choice(n, size=k, replace=False))
+
+
+def sample_key(meta: dict[str, Any]) -> str:
+    """A sample's identity from its JSON: patch id, plus row and column for pixels."""
+    patch = str(meta.get("patch", ""))
+    if "row" in meta and "col" in meta:
+        return f"{patch}_r{int(meta['row']):05d}_c{int(meta['col']):05d}"
+    return patch
+
+
+def split_of(meta: dict[str, Any], fold_rotation: int, hash_split: Sequence[float]) -> str:
+    """train | val | test for one sample (module docstring: Splits)."""
+    fold = meta.get("fold")
+    if isinstance(fold, int) and not isinstance(fold, bool) and fold > 0:
+        from pimc_dist.sources.pastis import FOLD_ROTATION
+
+        for name, folds in zip(SPLITS, FOLD_ROTATION[fold_rotation], strict=True):
+            if fold in folds:
+                return name
+        raise TaskError(f"sample {sample_key(meta)}: fold {fold} is not one of PASTIS' folds 1-5")
+    split = meta.get("split")
+    if isinstance(split, str) and split in SPLIT_ALIASES:
+        return SPLIT_ALIASES[split]
+    u = zlib.crc32(str(meta.get("patch", "")).encode()) / 2**32
+    bounds = np.cumsum(np.asarray(hash_split, dtype=np.float64))
+    return SPLITS[min(int(np.searchsorted(bounds / bounds[-1], u, side="right")), 2)]
+
+
+# ---------------------------------------------------------------------------
+# Normalisation
+# ---------------------------------------------------------------------------
+
+
+class Normalizer:
+    """Per-view, per-channel (x - mean) / std into float32 tensors (stats from the shard set)."""
+
+    def __init__(self, stats: dict[str, tuple[np.ndarray, np.ndarray] | None]):
+        self.stats = stats
+
+    def __call__(self, view: str, x: np.ndarray | torch.Tensor) -> torch.Tensor:
+        t = torch.as_tensor(np.asarray(x) if not torch.is_tensor(x) else x).float()
+        stats = self.stats.get(view)
+        if stats is None:
+            return t
+        mean, std = (torch.as_tensor(a, dtype=torch.float32) for a in stats)
+        shape = (1, -1) + (1,) * (t.ndim - 2)
+        return (t - mean.view(shape)) / std.view(shape)
+
+    def batch(
+        self, inputs: dict[str, np.ndarray], index: np.ndarray | slice
+    ) -> dict[str, torch.Tensor]:
+        return {view: self(view, arr[index]) for view, arr in inputs.items()}
+
+
+# ---------------------------------------------------------------------------
+# Tasks
+# ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Task:
+    """What a downstream task reads, predicts and scores (see the module docstring)."""
+
+    name: str
+    kind: str  # multiclass | multilabel | forecast
+    dataset_kind: str  # the shard set's manifest kind: pimc | scene | mosaic
+    default_inputs: tuple[str, ...]
+    allowed_inputs: tuple[str, ...]
+    primary: str
+    higher_is_better: bool
+    ignore_label: int | None = None  # multiclass: a label left out of training and scoring
+
+    # -- what to read ------------------------------------------------------------------
+
+    def inputs(self, ft: Any) -> list[str]:
+        """The input views of a run (`finetune.inputs`, the default, or the series for cnn1d)."""
+        if ft.protocol == "cnn1d":
+            if "series" not in self.allowed_inputs:
+                raise TaskError(f"{self.name}: the cnn1d protocol needs index series (PIMC data)")
+            return ["series"]
+        chosen = list(ft.inputs) or list(self.default_inputs)
+        bad = [v for v in chosen if v not in self.allowed_inputs]
+        if bad:
+            raise TaskError(
+                f"finetune.inputs: {bad} not available for {self.name} "
+                f"(choose from {list(self.allowed_inputs)})"
+            )
+        if len(set(chosen)) != len(chosen):
+            raise TaskError(f"finetune.inputs lists a view twice: {chosen}")
+        return chosen
+
+    def stored_views(self, inputs: Sequence[str]) -> list[str]:
+        """Shard views to read for these inputs."""
+        if self.kind == "forecast":
+            return ["series"] + [v for v in inputs if v not in ("rp", "series")]
+        return list(inputs)
+
+    def class_names(self, classes: Sequence[str]) -> list[str]:
+        """Output classes: the shard set's class list, minus the ignored label."""
+        if self.kind == "forecast":
+            return list(INDEX_NAMES)
+        names = list(classes)
+        if not names:
+            raise TaskError(f"{self.name}: the shard set lists no classes")
+        if self.ignore_label is not None and self.ignore_label == len(names) - 1:
+            names = names[:-1]
+        return names
+
+    def output_dim(self, class_names: Sequence[str], horizon: int) -> int:
+        return len(INDEX_NAMES) * horizon if self.kind == "forecast" else len(class_names)
+
+    # -- turning decoded batches into a split -------------------------------------------
+
+    def prepare(
+        self,
+        arrays: dict[str, np.ndarray],
+        metas: list[dict[str, Any]],
+        ft: Any,
+        inputs: Sequence[str],
+        band_names: dict[str, list[str]],
+    ) -> SplitData:
+        """A SplitData from stored arrays (stacked over samples) and their JSON."""
+        keys = [sample_key(m) for m in metas]
+        order = np.argsort(np.asarray(keys, dtype=object), kind="stable") if keys else np.arange(0)
+        keys = [keys[i] for i in order]
+        arrays = {k: v[order] for k, v in arrays.items()}
+        metas = [metas[i] for i in order]
+        selected = {v: select_bands(arrays[v], band_names.get(v), ft.input_bands.get(v), v)
+                    for v in arrays}  # fmt: skip
+        dropped: dict[str, int] = {}
+        base = None
+        if self.kind == "forecast":
+            series = arrays["series"].astype(np.float32)
+            n_in, horizon = int(ft.input_steps), int(ft.horizon)
+            if series.shape[-1] < n_in + horizon:
+                raise TaskError(
+                    f"{self.name}: series of {series.shape[-1]} steps cannot hold "
+                    f"{n_in} input + {horizon} forecast steps (finetune.input_steps/horizon; "
+                    "shard with data.grid_length >= their sum)"
+                )
+            window = series[..., :n_in]
+            out: dict[str, np.ndarray] = {}
+            for view in inputs:
+                if view == "rp":
+                    out["rp"] = window_plots(window, int(ft.rp_size) or None)
+                elif view == "series":
+                    out["series"] = window
+                else:
+                    out[view] = selected[view]
+            if ft.forecast_anchor == "last":
+                base = window[..., -1].copy()
+            elif ft.forecast_anchor == "none":
+                base = np.zeros(window.shape[:-1], np.float32)
+            else:
+                raise TaskError(
+                    f"finetune.forecast_anchor: '{ft.forecast_anchor}' is not last or none"
+                )
+            target = series[..., n_in : n_in + horizon] - base[..., None]
+            return SplitData(out, target.astype(np.float32), keys, base, dropped, window)
+
+        out = {view: selected[view] for view in inputs}
+        if self.kind == "multiclass":
+            labels = np.array([int(m.get("label", -1)) for m in metas], dtype=np.int64)
+            keep = labels >= 0
+            if self.ignore_label is not None:
+                keep &= labels != self.ignore_label
+            dropped["ignored_label"] = int((~keep).sum())
+            data = SplitData(out, labels, keys, None, dropped)
+            return data.subset(np.flatnonzero(keep)) if not keep.all() else data
+        if self.kind == "multilabel":
+            rows = [m.get("labels") for m in metas]
+            if any(r is None for r in rows):
+                raise TaskError(f"{self.name}: samples without 'labels' in their JSON")
+            target = np.asarray(rows, dtype=np.float32).reshape(len(rows), -1)
+            return SplitData(out, target, keys, None, dropped)
+        raise TaskError(f"unknown task kind {self.kind!r}")
+
+    # -- training and scoring ----------------------------------------------------------
+
+    def loss(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        if self.kind == "multiclass":
+            return F.cross_entropy(output, target.long())
+        if self.kind == "multilabel":
+            return F.binary_cross_entropy_with_logits(output, target.float())
+        return F.mse_loss(output, target.reshape(output.shape).float())
+
+    def score(
+        self,
+        output: np.ndarray,
+        data: SplitData,
+        class_names: Sequence[str],
+        threshold: float = 0.5,
+    ) -> dict[str, Any]:
+        """Metrics of raw model outputs (logits, or forecast residuals) against a split."""
+        output = np.asarray(output, dtype=np.float64)
+        if not np.isfinite(output).all():
+            return {self.primary: float("nan"), "n": len(data), "nonfinite_outputs": True}
+        if self.kind == "multiclass":
+            pred = output.argmax(axis=1)
+            return metrics_lib.classification_metrics(data.target, pred, class_names)
+        if self.kind == "multilabel":
+            probs = 1.0 / (1.0 + np.exp(-output))
+            return metrics_lib.multilabel_metrics(data.target, probs, class_names, threshold)
+        return self.score_forecast(output.reshape(data.target.shape), data)
+
+    def score_forecast(self, residual: np.ndarray, data: SplitData) -> dict[str, Any]:
+        truth = data.target + data.base[..., None]
+        pred = residual + data.base[..., None]
+        return metrics_lib.forecast_metrics(truth, pred, INDEX_NAMES)
+
+    def better(self, a: float, b: float) -> bool:
+        """Whether primary-metric value a beats b (NaN never beats anything)."""
+        if np.isnan(a):
+            return False
+        if np.isnan(b):
+            return True
+        return a > b if self.higher_is_better else a < b
+
+    def baselines(self, train: SplitData, test: SplitData, ft: Any) -> dict[str, dict[str, Any]]:
+        """Forecasting: persistence, seasonal naive and climatology on `test`; {} otherwise."""
+        if self.kind != "forecast":
+            return {}
+        horizon = int(ft.horizon)
+        out = {}
+        if test.window is not None and test.window.shape[-1] >= horizon:
+            window = test.window
+            persistence = np.repeat(window[..., -1:], horizon, axis=-1)
+            out["persistence"] = self.score_forecast(persistence - test.base[..., None], test)
+            last = window[..., -horizon:]
+            out["seasonal_naive"] = self.score_forecast(last - test.base[..., None], test)
+        if len(train):
+            curve = (train.target + train.base[..., None]).mean(axis=0)  # (C, H)
+            out["climatology"] = self.score_forecast(curve[None] - test.base[..., None], test)
+        return out
+
+
+def window_plots(window: np.ndarray, size: int | None) -> np.ndarray:
+    """uint8 recurrence plots (N, 3, S, S) of (N, 3, T) index windows (values as stored)."""
+    from pimc_dist.recurrence import recurrence_plot_uint8
+
+    # float16 first: the stored precision, so a plot equals what the sharder would make.
+    values = np.ascontiguousarray(window.astype(np.float16).astype(np.float32))
+    if values.shape[0] == 0:
+        s = size or values.shape[-1]
+        return np.zeros((0, values.shape[1], s, s), np.uint8)
+    return recurrence_plot_uint8(values, size=size)
+
+
+def select_bands(
+    array: np.ndarray, names: list[str] | None, wanted: Sequence[str] | None, view: str
+) -> np.ndarray:
+    """Channels of (N, C, ...) `array` named `wanted`, in that order; all when none asked for."""
+    if not wanted:
+        return array
+    if not names:
+        raise TaskError(
+            f"finetune.input_bands.{view}: the samples' JSON names no bands for view {view}"
+        )
+    missing = [b for b in wanted if b not in names]
+    if missing:
+        raise TaskError(
+            f"finetune.input_bands.{view}: bands {missing} not in the data (it has {names})"
+        )
+    return array[:, [names.index(b) for b in wanted]]
+
+
+def band_names_of(meta: dict[str, Any]) -> dict[str, list[str]]:
+    """Band names per view from a sample's JSON (scene: "bands"; MoSAiC: "s2_bands", "s1_bands")."""
+    out = {}
+    if isinstance(meta.get("bands"), list):
+        out["image"] = list(meta["bands"])
+    for view in ("s2", "s1"):
+        if isinstance(meta.get(f"{view}_bands"), list):
+            out[view] = list(meta[f"{view}_bands"])
+    return out
+
+
+TASKS: dict[str, Task] = {
+    "pastis_forecast": Task(
+        name="pastis_forecast",
+        kind="forecast",
+        dataset_kind="pimc",
+        default_inputs=("rp",),
+        allowed_inputs=("rp", "series", "rsi"),
+        primary="rmse",
+        higher_is_better=False,
+    ),
+    "pastis_pixel_cls": Task(
+        name="pastis_pixel_cls",
+        kind="multiclass",
+        dataset_kind="pimc",
+        default_inputs=("rp",),
+        allowed_inputs=("rp", "rsi", "series"),
+        primary="miou",
+        higher_is_better=True,
+        ignore_label=19,  # PASTIS' void label
+    ),
+    "eurosat_cls": Task(
+        name="eurosat_cls",
+        kind="multiclass",
+        dataset_kind="scene",
+        default_inputs=("image",),
+        allowed_inputs=("image",),
+        primary="oa",
+        higher_is_better=True,
+    ),
+    "reben_multilabel": Task(
+        name="reben_multilabel",
+        kind="multilabel",
+        dataset_kind="mosaic",
+        default_inputs=("s2",),
+        allowed_inputs=("s2", "s1"),
+        primary="map_macro",
+        higher_is_better=True,
+    ),
+    "sen12ms_multilabel": Task(
+        name="sen12ms_multilabel",
+        kind="multilabel",
+        dataset_kind="mosaic",
+        default_inputs=("s2",),
+        allowed_inputs=("s2", "s1"),
+        primary="map_macro",
+        higher_is_better=True,
+    ),
+}
+
+
+def get_task(name: str) -> Task:
+    if name not in TASKS:
+        raise TaskError(f"finetune.task: unknown task '{name}' (known: {', '.join(TASKS)})")
+    return TASKS[name]
+
+
+# ---------------------------------------------------------------------------
+# Reading splits from shard sets
+# ---------------------------------------------------------------------------
+
+
+def split_shards(cfg: Any) -> dict[str, str]:
+    """Shard folder per split: finetune.<split>_shards, else loader.shards."""
+    ft = cfg.finetune
+    return {s: str(ft[f"{s}_shards"] or cfg.loader.shards) for s in SPLITS}
+
+
+def _loader_cfg(cfg: Any, shards: str, views: list[str]) -> Any:
+    from omegaconf import OmegaConf
+
+    plain = OmegaConf.to_container(cfg, resolve=True)
+    plain["loader"].update(
+        shards=shards,
+        views=views,
+        normalize=False,  # stored dtypes in memory; Normalizer works per batch
+        augment=False,
+        rp_on_the_fly="off",
+        resampled=False,
+    )
+    plain["train"]["batch_size"] = int(cfg.finetune.eval_batch_size)
+    return OmegaConf.create(plain)
+
+
+def iter_decoded(
+    cfg: Any,
+    shards: str,
+    views: list[str],
+    rank: int = 0,
+    world_size: int = 1,
+    counters: dict[str, int] | None = None,
+) -> Iterable[tuple[dict[str, np.ndarray], list[dict[str, Any]]]]:
+    """Decoded eval batches of one shard set (every sample of this rank's share once).
+
+    `counters`, if given, receives the loader's counts (samples, skips by reason) at the end.
+    """
+    from pimc_dist import data as data_lib
+
+    loader = data_lib.build_loader(
+        _loader_cfg(cfg, shards, views), rank=rank, world_size=world_size, train=False
+    )
+    if "json" not in loader.manifest.members:
+        raise TaskError(f"{loader.manifest.path}: samples carry no JSON (labels, folds)")
+    for batch in loader:
+        yield {v: batch[v].numpy() for v in views}, batch["meta"]
+    if counters is not None:
+        counters.update(loader.stats.as_dict())
+
+
+def read_manifest_for(shards: str) -> Any:
+    from pimc_dist import shardio
+
+    return shardio.read_manifest(shards)
+
+
+def check_shard_sets(cfg: Any, task: Task) -> None:
+    """Every split's shard set is readable and holds the kind of samples the task needs."""
+    for folder in dict.fromkeys(split_shards(cfg).values()):
+        manifest = read_manifest_for(folder)
+        if manifest.kind != task.dataset_kind:
+            raise TaskError(
+                f"{manifest.path}: a '{manifest.kind}' shard set; {task.name} needs "
+                f"'{task.dataset_kind}' samples"
+            )
+
+
+def read_splits(
+    cfg: Any,
+    task: Task,
+    inputs: Sequence[str],
+    wanted: Sequence[str] = SPLITS,
+    rank: int = 0,
+    world_size: int = 1,
+) -> tuple[dict[str, SplitData], dict[str, Any]]:
+    """The `wanted` splits in memory (this rank's share when world_size > 1), and a report.
+
+    Each distinct shard set is read once and its samples routed to the splits
+    that come from it. The report holds per-split counts, loader skips and the
+    band names seen.
+    """
+    ft = cfg.finetune
+    views = task.stored_views(inputs)
+    check_shard_sets(cfg, task)
+    folders = split_shards(cfg)
+    by_folder: dict[str, list[str]] = {}
+    for split in wanted:
+        by_folder.setdefault(folders[split], []).append(split)
+    collected: dict[str, tuple[dict[str, list[np.ndarray]], list[dict[str, Any]]]] = {
+        s: ({v: [] for v in views}, []) for s in wanted
+    }
+    report: dict[str, Any] = {"shards": {s: folders[s] for s in wanted}, "skipped": {}}
+    band_names: dict[str, list[str]] = {}
+    for folder, splits in by_folder.items():
+        counters: dict[str, int] = {}
+        for arrays, metas in iter_decoded(cfg, folder, views, rank, world_size, counters):
+            if not band_names and metas:
+                band_names = band_names_of(metas[0])
+            routes = np.array(
+                [split_of(m, int(ft.fold_rotation), list(ft.hash_split)) for m in metas]
+            )
+            for split in splits:
+                idx = np.flatnonzero(routes == split)
+                if idx.size:
+                    for v in views:
+                        collected[split][0][v].append(arrays[v][idx])
+                    collected[split][1].extend(metas[i] for i in idx)
+        report["skipped"][folder] = {
+            k: v for k, v in counters.items() if k.startswith("skipped_") and v
+        }
+    out = {}
+    for split in wanted:
+        parts, metas = collected[split]
+        arrays = {
+            v: np.concatenate(p) if p else np.zeros((0,), np.float32) for v, p in parts.items()
+        }
+        if not metas:
+            out[split] = None
+            continue
+        out[split] = task.prepare(arrays, metas, ft, inputs, band_names)
+    report["band_names"] = band_names
+    report["samples"] = {s: (len(d) if d is not None else 0) for s, d in out.items()}
+    return out, report
+
+
+def normalizer_for(
+    cfg: Any, task: Task, inputs: Sequence[str], band_names: dict[str, list[str]]
+) -> Normalizer:
+    """Per-channel statistics of each input from the training shard set's manifest."""
+    from pimc_dist import shardio
+
+    manifest = read_manifest_for(split_shards(cfg)["train"])
+    stats: dict[str, tuple[np.ndarray, np.ndarray] | None] = {}
+    for view in inputs:
+        got = shardio.view_stats_arrays(manifest, view)
+        if view == "rp" and got is None:
+            mean, std = RP_FALLBACK_STATS
+            got = (np.full(3, mean, np.float32), np.full(3, std, np.float32))
+        wanted = cfg.finetune.input_bands.get(view)
+        if got is not None and wanted:
+            names = band_names.get(view) or []
+            idx = [names.index(b) for b in wanted if b in names]
+            if len(idx) == len(wanted):
+                got = (got[0][idx], got[1][idx])
+        stats[view] = got
+    return Normalizer(stats)
+
+
+__all__ = [
+    "INDEX_NAMES",
+    "SPLITS",
+    "TASKS",
+    "Normalizer",
+    "SplitData",
+    "Task",
+    "TaskError",
+    "band_names_of",
+    "check_shard_sets",
+    "get_task",
+    "label_subset",
+    "normalizer_for",
+    "read_splits",
+    "sample_key",
+    "select_bands",
+    "split_of",
+    "split_shards",
+    "window_plots",
+]
