@@ -288,22 +288,6 @@ def test_eurosat_linear_probe_with_the_rsi_encoder_on_ten_of_thirteen_bands(pimc
         finetune.main(bad)
 
 
-@pytest.mark.skipif(configilm_mock_root() is None, reason="pip install --no-deps configilm==0.7.1")
-def test_reben_multilabel_linear_probe_on_the_real_samples(tmp_path):
-    shards = make_shards(
-        tmp_path, "reben.yaml", configilm_mock_root(), "data.max_samples_per_shard=8"
-    )
-    run_folder = make_run(tmp_path / "mosaic", MOSAIC_VIEWS % 12)
-    run = tmp_path / "run"
-    cfg = ft_config("reben_multilabel", run, shards, f"finetune.ckpt={run_folder}")
-    assert finetune.main(cfg) == 0
-    result = read_result(run)
-    m = result["metrics"]
-    assert result["samples"]["train"] == 6 and m["n"] == 6
-    assert 1 <= m["n_classes_scored"] <= 19 and 0.0 <= m["map_macro"] <= 1.0
-    assert {"map_macro", "map_micro", "f1_macro", "f1_micro"} <= set(m)
-
-
 def test_sen12ms_multilabel_with_both_modalities(tmp_path):
     write_sen12ms(tmp_path / "SEN12MS", patches_per_scene=4, size=32, seed=2)
     shards = make_shards(
@@ -353,6 +337,14 @@ def test_finetune_protocol_trains_through_deepspeed_from_the_command_line(
     assert result["report"]["steps"] == 2 * (96 // 32)
     assert np.isfinite(result["metrics"]["rmse"])
     assert f"result: {run / 'result.json'}" in proc.stdout
+
+
+def test_feature_norm_trains_on_a_batch_of_one_with_running_statistics():
+    norm = finetune.FeatureNorm(4).train()
+    norm(torch.randn(8, 4))  # updates the running statistics
+    one = torch.randn(1, 4)
+    expected = (one - norm.running_mean) / torch.sqrt(norm.running_var + norm.eps)
+    torch.testing.assert_close(norm(one), expected)
 
 
 # --- bad inputs ----------------------------------------------------------------------------
@@ -475,7 +467,7 @@ def test_linear_probe_on_two_ranks_gives_the_one_rank_features_and_result(
     assert b["metrics"]["miou"] == pytest.approx(a["metrics"]["miou"], abs=0.02)
 
 
-# --- slow: real pretraining, then evaluation -----------------------------------------------
+# --- real pretraining, then evaluation (the long ones marked slow) -------------------------
 
 
 @pytest.mark.slow
@@ -499,17 +491,18 @@ def test_pimc_pretraining_beats_random_init_and_forecasting_beats_persistence(tm
     assert forecast["rmse"]["mean"] < persistence["rmse"]["mean"], (forecast, persistence)
 
 
-@pytest.mark.slow
-@pytest.mark.timeout(1200)
+@pytest.mark.timeout(900)
 @pytest.mark.skipif(configilm_mock_root() is None, reason="pip install --no-deps configilm==0.7.1")
 def test_mosaic_pretraining_on_real_reben_then_multilabel_evaluation(tmp_path):
+    """configilm's 24 real reBEN patches (18 without snow/cloud): shard, pretrain, evaluate."""
     shards = make_shards(
         tmp_path, "reben.yaml", configilm_mock_root(), "data.max_samples_per_shard=8"
     )
     run = tmp_path / "mosaic"
     env = dict(os.environ, DS_ACCELERATOR="cpu", WANDB_MODE="offline", OMP_NUM_THREADS="1")
     tiny = [
-        f"loader.shards={shards}", f"train.run_dir={run}", "loader.workers=0",
+        f"data.root={configilm_mock_root()}", f"loader.shards={shards}",
+        f"train.run_dir={run}", "loader.workers=0",
         "tracking.wandb=false", "deepspeed.bf16=false", "deepspeed.zero_stage=1",
         "model.views.s2.width=8", "model.views.s1.width=8", "model.views.s2.encoder=resnet18",
         "model.views.s1.encoder=resnet18", "model.head.hidden_dim=32", "model.head.out_dim=16",
@@ -532,11 +525,5 @@ def test_mosaic_pretraining_on_real_reben_then_multilabel_evaluation(tmp_path):
         result = read_result(out)
         assert result["architecture_from"] == str(run / "config.yaml")
         assert np.isfinite(result["metrics"]["map_macro"]) and result["metrics"]["n"] == 6
-    # Full fine-tuning through DeepSpeed on the 10 % label regime (one labelled patch).
-    out = tmp_path / "eval_finetune"
-    cfg = ft_config(
-        "reben_multilabel", out, shards, f"finetune.ckpt={run}", "finetune.protocol=finetune",
-        "finetune.label_fraction=0.1", "finetune.epochs=1", "train.batch_size=4",
-    )  # fmt: skip
-    assert finetune.main(cfg) == 0
-    assert read_result(out)["samples"]["train_labelled"] == 1
+    assert 1 <= result["metrics"]["n_classes_scored"] <= 19
+    assert {"map_macro", "map_micro", "f1_macro", "f1_micro"} <= set(result["metrics"])
