@@ -168,10 +168,10 @@ def stock_overrides(ours: dict[str, Any], stage: int) -> dict[str, Any]:
             if "overlap_comm" in out[key]:
                 out[key]["overlap_comm"] = stage == 3
             continue
-        default = getattr(constants, f"{key.upper()}_DEFAULT", None)
-        if default is None and key != "steps_per_print":
+        name = f"{key.upper()}_DEFAULT"
+        if not hasattr(constants, name):
             raise KeyError(f"no DeepSpeed default known for config key {key!r}")
-        out[key] = default if default is not None else 10
+        out[key] = getattr(constants, name)  # may be None (steps_per_print: never print)
     return out
 
 
