@@ -489,6 +489,11 @@ def submit(cfg: DictConfig, kind: str, cluster: str, job: EntryJob | None = None
             f"{PACKAGE_ROOT}{os.pathsep}{path}" if path else str(PACKAGE_ROOT)
         )
         os.environ.setdefault("OMP_NUM_THREADS", str(cfg.launch.cpus_per_task))
+        # A port known free now, rather than one derived from the local job id (a pid),
+        # which can land on a port another process on this machine holds.
+        from pimc_dist.distributed import free_port
+
+        os.environ["MASTER_PORT"] = str(free_port())
     submitted = executor.submit(job)
     folder = Path(str(job_folder(cfg)).replace("%j", str(submitted.job_id)))
     return Submitted(
