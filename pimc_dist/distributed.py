@@ -238,7 +238,9 @@ def detect_env() -> DistEnv:
         local_world_size=1,
         node_rank=0,
         master_addr=os.environ.get("MASTER_ADDR", "127.0.0.1"),
-        master_port=_int_env("MASTER_PORT", 29500),
+        # A lone process needs a port only for its own store: take a free one, so two
+        # single-process runs on one machine never collide on a fixed default.
+        master_port=_int_env("MASTER_PORT", 0) or free_port(),
         source="single",
     )
 
