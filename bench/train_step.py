@@ -575,8 +575,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         action="append",
         default=[],
         metavar="NAME=JSON",
-        help="cpu: an extra DeepSpeed path whose JSON keys override ours "
-        "(e.g. 'rs='{\"zero_optimization\": {\"reduce_scatter\": false}}'')",
+        help="cpu: an extra DeepSpeed path whose JSON keys override ours, e.g. "
+        'overlap=\'{"zero_optimization": {"overlap_comm": true}}\'',
     )
     parser.add_argument(
         "--profile", action="store_true", help="cpu: torch.profiler tables of 3 steps"
