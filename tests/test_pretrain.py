@@ -17,10 +17,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from launch_helpers import build_tiny_shards
 
-from pimc_dist import shard
 from pimc_dist.config import load
-from pimc_dist.sources.fixtures import write_pastis
 from pimc_dist.tracking import read_metrics
 
 REPO = Path(__file__).resolve().parents[1]
@@ -36,21 +35,7 @@ def free_port() -> int:
 @pytest.fixture(scope="session")
 def shards(tmp_path_factory) -> Path:
     """A small PASTIS-layout shard set (6 patches of 32 px, 64 pixels each)."""
-    root = tmp_path_factory.mktemp("pretrain_data")
-    write_pastis(root / "raw", n_patches=6, size=32, seed=1)
-    cfg = load(
-        TINY,
-        [
-            "data.source=pastis",
-            f"data.root={root / 'raw'}",
-            f"data.shard_dir={root / 'shards'}",
-            "data.pixels_per_patch=64",
-            "data.max_samples_per_shard=128",
-            "data.workers=1",
-        ],
-    )
-    assert shard.main(cfg) == 0
-    return root / "shards"
+    return build_tiny_shards(tmp_path_factory.mktemp("pretrain_data"))
 
 
 def start_ranks(run_dir: Path, shards: Path, world: int, overrides: list[str], timeout: int = 60):
