@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,16 +19,11 @@ import pytest
 from launch_helpers import build_tiny_shards
 
 from pimc_dist.config import load
+from pimc_dist.distributed import free_port
 from pimc_dist.tracking import read_metrics
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "configs/pretrain/tiny.yaml"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="session")
