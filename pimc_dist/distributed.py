@@ -217,6 +217,25 @@ def _from_slurm() -> DistEnv:
     )
 
 
+# What torchrun (and export_env) set to place one process; a job's own launcher replaces them.
+RANK_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "NODE_RANK")
+
+
+def forget_inherited_ranks() -> list[str]:
+    """Drop torchrun rank variables a submitit task inherited from the shell that submitted it.
+
+    Slurm and submitit's local executor pass the submitter's environment on; a launcher run
+    from inside another job (or a test that joined a group) would otherwise make every task
+    believe it is that job's rank. Returns the names dropped.
+    """
+    if not os.environ.get("SUBMITIT_EXECUTOR"):
+        return []
+    dropped = [name for name in RANK_VARIABLES if name in os.environ]
+    for name in dropped:
+        del os.environ[name]
+    return dropped
+
+
 def detect_env() -> DistEnv:
     """Rank, world size and rendezvous address of this process, from whichever launcher set them.
 
@@ -298,7 +317,26 @@ def init_distributed(timeout_s: int = 600, backend: str | None = None) -> DistEn
         world_size=env.world_size,
         timeout=timedelta(seconds=timeout_s),
     )
+    _bound_later_groups(timedelta(seconds=timeout_s))
     return env
+
+
+def _bound_later_groups(timeout: timedelta) -> None:
+    """Give groups created after init (DeepSpeed's clone of the world group) the same timeout.
+
+    `dist.new_group()` without a timeout takes torch's 30-minute default, not the one the
+    world group was given, and DeepSpeed reduces gradients on such a clone: a dead rank
+    would otherwise hang its peers in backward for half an hour. torch has no public
+    setting for that default, so the module value it reads is replaced here.
+    """
+    from torch.distributed import distributed_c10d
+
+    if not isinstance(getattr(distributed_c10d, "default_pg_timeout", None), timedelta):
+        log.warning("torch.distributed has no default_pg_timeout: later groups keep their default")
+        return
+    distributed_c10d.default_pg_timeout = timeout
+    if isinstance(getattr(distributed_c10d, "default_pg_nccl_timeout", None), timedelta):
+        distributed_c10d.default_pg_nccl_timeout = timeout
 
 
 def is_initialized() -> bool:
@@ -440,6 +478,7 @@ __all__ = [
     "expand_nodelist",
     "expand_tasks_per_node",
     "export_env",
+    "forget_inherited_ranks",
     "free_port",
     "get_rank",
     "get_world_size",

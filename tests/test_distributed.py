@@ -281,7 +281,25 @@ WORKER = textwrap.dedent(
             out["waited_s"] = time.monotonic() - t0
         else:
             time.sleep(float(os.environ["TEST_TIMEOUT_S"]) + 2)  # never joins the collective
+    elif mode == "straggler_in_new_group":
+        # A group made after init without a timeout, as DeepSpeed clones the world group
+        # for its gradient reduction.
+        group = dist.new_group(ranks=list(range(env.world_size)))
+        if env.rank == 0:
+            t0 = time.monotonic()
+            try:
+                dist.all_reduce(torch.ones(1), group=group)
+                out["error"] = None
+            except Exception as exc:
+                out["error"] = str(exc)[:300]
+            out["waited_s"] = time.monotonic() - t0
+        else:
+            time.sleep(float(os.environ["TEST_TIMEOUT_S"]) + 2)
     print("RESULT " + json.dumps(out), flush=True)
+    if mode.startswith("straggler"):
+        # A group whose collective timed out cannot be torn down cleanly (gloo may abort
+        # in its destructors): leave without running them.
+        os._exit(0)
     """
 )
 
@@ -340,6 +358,14 @@ def test_two_gloo_ranks_all_reduce_and_agree_on_a_stop(tmp_path):
 
 def test_collective_fails_after_timeout_when_a_rank_never_joins_it(tmp_path):
     results = _launch_ranks(tmp_path, "straggler", [0, 1], world=2, timeout_s=2)
+    code, out, stderr = results[0]
+    assert code == 0, stderr
+    assert out["error"] is not None and "Timed out" in out["error"]
+    assert out["waited_s"] < 30
+
+
+def test_groups_made_after_init_time_out_like_the_world_group(tmp_path):
+    results = _launch_ranks(tmp_path, "straggler_in_new_group", [0, 1], world=2, timeout_s=2)
     code, out, stderr = results[0]
     assert code == 0, stderr
     assert out["error"] is not None and "Timed out" in out["error"]

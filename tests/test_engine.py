@@ -4,28 +4,29 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
 
 from pimc_dist import config, engine
+from pimc_dist.distributed import free_port
 
 
 @pytest.fixture(scope="module")
 def process_group():
     """A one-rank gloo group in this process (DeepSpeed needs one)."""
-    if not dist.is_initialized():
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        os.environ.update(
-            MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0"
-        )
-        dist.init_process_group("gloo", rank=0, world_size=1)
+    saved = dict(os.environ)
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0"
+    )
+    dist.init_process_group("gloo", rank=0, world_size=1)
     yield
-    dist.destroy_process_group()  # later tests expect a process without a group
+    # Later tests expect a process without a group, and the subprocesses they start
+    # must not inherit this rank's variables and port.
+    dist.destroy_process_group()
+    os.environ.clear()
+    os.environ.update(saved)
 
 
 def tiny_cfg(tmp_path, *overrides):

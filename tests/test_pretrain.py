@@ -182,13 +182,36 @@ def test_killed_rank_makes_the_job_fail_within_the_timeout(tmp_path, shards):
         metrics.is_file() and metrics.read_text().count("\n") >= 2
     ):
         time.sleep(0.5)
-    assert metrics.is_file(), procs[0].communicate(timeout=5)[0][-3000:]
-    procs[1].send_signal(signal.SIGKILL)
-    killed_at = time.time()
-    out, _ = procs[0].communicate(timeout=120)
+    try:
+        assert metrics.is_file(), procs[0].communicate(timeout=5)[0][-3000:]
+        workers = children(procs[1].pid)  # its loader worker (loader.workers=1)
+        assert workers
+        procs[1].send_signal(signal.SIGKILL)
+        killed_at = time.time()
+        out, _ = procs[0].communicate(timeout=120)
+    finally:
+        for p in procs:
+            p.kill()
     assert procs[0].returncode != 0
     assert time.time() - killed_at < 100
     assert "rank 0" in out and "another rank" in out.lower(), out[-3000:]
+    # The killed rank's workers died with it instead of lingering on a full pipe.
+    assert not [pid for pid in workers if Path(f"/proc/{pid}").exists() and not is_zombie(pid)]
+
+
+def children(pid: int) -> list[int]:
+    """Live child pids of a process (Linux /proc)."""
+    found = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        found += [int(c) for c in (task / "children").read_text().split()]
+    return found
+
+
+def is_zombie(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return True
 
 
 def test_a_different_run_in_the_folder_is_refused(tmp_path, shards):
