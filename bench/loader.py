@@ -17,6 +17,10 @@ the plots. Then, in this one process
   ours png + series      the same with the series view too
   ours png stored        plots written with zlib level 0 (bigger files, nothing to inflate)
   ours rp on the fly     series-only shards, plots computed in the loader (CPU, 1 thread)
+  ours via build_loader  "ours png" the way training gets it: pimc_dist.data.build_loader
+                         with 1 and 2 DataLoader workers, so the hop from worker to trainer
+                         (shared memory, pickling) counts; per worker = total / workers,
+                         and on a 2-core machine 2 workers share the cores with the trainer
 
 plus the shard write rate (encoding, statistics, sha256, tar). --repeats rounds over all
 pipelines; the best pass of each counts.
@@ -92,6 +96,7 @@ def make_samples(first: int, n: int, rng: np.random.Generator) -> list[dict]:
     return samples
 
 
+VIA = {w: f"ours png via build_loader, {w} worker{'s' * (w > 1)}" for w in (1, 2)}
 SETS = {  # name: (PNG zlib level, keep the plots)
     "png": (1, True),  # the writer's default
     "png0": (0, True),  # stored, not deflated: bigger, nothing to inflate
@@ -160,8 +165,9 @@ def main() -> None:
     import torch
     import webdataset as wds
 
+    from pimc_dist import config as config_lib
     from pimc_dist import shardio
-    from pimc_dist.data import ShardStream
+    from pimc_dist.data import ShardStream, build_loader
 
     numba.set_num_threads(1)  # one worker = one core, as inside a DataLoader worker
     torch.set_num_threads(1)
@@ -204,6 +210,24 @@ def main() -> None:
             )
             return sum(len(batch["meta"]) for batch in stream)
 
+        loaders = {}
+
+        def via_loader(workers: int) -> int:
+            """One exact epoch of the training loader (shuffle, flips, normalisation)."""
+            if workers not in loaders:
+                overrides = [
+                    f"loader.shards={root / 'png'}",
+                    "loader.views=[rp,rsi]",
+                    f"loader.workers={workers}",
+                    "loader.resampled=false",
+                    "loader.verify=none",
+                    "loader.shuffle_buffer=2000",
+                    f"train.batch_size={args.batch_size}",
+                ]
+                loaders[workers] = build_loader(config_lib.load(None, overrides))
+                sum(1 for _ in loaders[workers])  # start the (persistent) workers untimed
+            return sum(len(batch["label"]) for batch in loaders[workers])
+
         raw_file_read("png")  # warm the page cache: every row reads from memory
         raw_file_read("series")
         raw_file_read("png0")
@@ -223,7 +247,9 @@ def main() -> None:
                 "series",
                 lambda: ours("series", ["rp", "rsi"], "cpu"),
             ),
+            *[(label, "png", lambda w=w: via_loader(w)) for w, label in VIA.items()],
         ]
+        workers_of = {label: w for w, label in VIA.items()}
         # Rounds over all pipelines, best per pipeline: a busy spell of a shared machine
         # then slows every pipeline of one round rather than one pipeline's every pass.
         best = dict.fromkeys([label for label, _, _ in plans], 0.0)
@@ -231,13 +257,18 @@ def main() -> None:
             for label, _, fn in plans:
                 best[label] = max(best[label], rate_of(fn))
             print(f"  round {round_ + 1}/{args.repeats} done", flush=True)
+        loaders.clear()  # stops the workers
         for label, name, _ in plans:
             per_sample = total_bytes[name] / n
+            workers = workers_of.get(label, 1)
             rows[label] = {
-                "samples_per_s": best[label],
+                "samples_per_s": best[label] / workers,  # per worker
                 "bytes_per_sample": per_sample,
-                "MB_per_s": best[label] * per_sample / 1e6,
+                "MB_per_s": best[label] / workers * per_sample / 1e6,
             }
+            if label in workers_of:
+                rows[label]["workers"] = workers
+                rows[label]["total_samples_per_s"] = best[label]
         for name in SETS:
             rate = n / write_seconds[name]
             rows[f"shard writing ({name} set)"] = {
@@ -253,7 +284,8 @@ def main() -> None:
     rgb8 = rows['wds .decode("rgb8")']["samples_per_s"]
     raw = rows["raw file read (4 MiB chunks)"]["samples_per_s"]
     print(
-        f"\n{n} samples, batch {args.batch_size}, one process (= one worker), best of {args.repeats}"
+        f"\n{n} samples, batch {args.batch_size}, one process (= one worker) unless said, "
+        f"best of {args.repeats}; samples/s per worker"
     )
     print(
         f"{'pipeline':40s} {'samples/s':>11s} {'bytes/sample':>13s} {'MB/s':>8s} {'x .decode()':>12s} {'x rgb8':>8s} {'/ raw read':>11s}"
@@ -286,6 +318,11 @@ def main() -> None:
             "ours_png_vs_wds_decode": rows["ours png: rp+rsi batches"]["samples_per_s"] / plain,
             "ours_png_vs_wds_decode_rgb8": rows["ours png: rp+rsi batches"]["samples_per_s"] / rgb8,
             "ours_png_vs_raw_file_read": rows["ours png: rp+rsi batches"]["samples_per_s"] / raw,
+            **{
+                f"ours_via_{w}_workers_per_worker_vs_wds_decode": rows[label]["samples_per_s"]
+                / plain
+                for w, label in VIA.items()
+            },
             "ours_on_the_fly_vs_wds_decode": rows["ours series-only: rp on the fly (CPU)"][
                 "samples_per_s"
             ]

@@ -42,6 +42,25 @@ class DataConfig:
     dates: list[str] = field(default_factory=list)
     band_order: str = "date_major"
     patch_size: int = 128
+    nodata: float | None = 0.0  # a pixel-date whose bands all equal it is invalid; None = none
+    dn_scale: float = 10000.0  # reflectance = (DN + dn_offset) / dn_scale
+    dn_offset: float = 0.0  # -1000 for L2A of processing baseline 04.00 (after 2022-01-25)
+    # Class raster of each stack (one band, same size): a path, or a pattern in which
+    # {stem} is the stack's file name without extension (for a glob in data.root).
+    label_path: str | None = None
+    # PASTIS-R: also crop the Sentinel-1 series (per-orbit median) into an s1.npy view.
+    with_s1: bool = False
+    # EuroSAT: ms (13-band GeoTIFF, uint16 DN) | rgb (the JPEGs, uint8 B04 B03 B02);
+    # band order of ms: file (B8A last, as distributed) | standard (B8A after B08).
+    eurosat_bands: str = "ms"
+    eurosat_band_order: str = "file"
+    # EuroSAT and SEN12MS: height = width every image must have (64 and 256 in the
+    # releases); None = that of the first image in reading order. Others are skipped.
+    image_size: int | None = None
+    # reBEN: image encoding (auto | lmdb | geotiff) and how the 20/60 m bands are brought
+    # to the s2_size grid (nearest: DN kept as uint16 | bilinear: float32).
+    reben_encoding: str = "auto"
+    reben_resample: str = "nearest"
     # PIMC samples.
     pixels_per_patch: int = 64
     stratify: bool = True
@@ -82,6 +101,9 @@ class LoaderConfig:
     normalize: bool = True  # (x - mean) / std per channel from the manifest, float32
     rp_on_the_fly: str = "off"  # off | cpu | gpu: build plots from stored series
     verify: str = "size"  # none | size | sha256: check shard files against the manifest at start
+    # Shards that fail that check are left out (logged, counted in data/shards_excluded);
+    # if they hold more than this fraction of the samples the loader refuses the set.
+    max_excluded_fraction: float = 0.1
     prefetch_factor: int = 4  # batches each worker prepares ahead
 
 

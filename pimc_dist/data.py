@@ -11,14 +11,19 @@ open_clip's data.py, each testable alone:
       -> batched        lists of `batch_size` samples
       -> BatchBuilder   collate into batch arrays, undo PNG filters for the whole batch,
                         optional recurrence plots from the series, flips/rotations of
-                        crops, normalisation from the manifest, torch tensors
+                        crops, normalisation from the manifest, torch tensors (in a
+                        DataLoader worker of build_loader: into a BatchRing slot)
 
 Speed comes from doing per sample only what must be done per sample (header
 checks, inflating the PNG, parsing the JSON) and everything else once per
 batch on contiguous arrays: buffers reused across batches, PNG filters undone
 for the whole batch, and samples sorted by their random flip/rotation so that
 each transform is one slice of the batch (the order within a batch carries no
-meaning). bench/loader.py measures it.
+meaning). Between a DataLoader worker and the trainer, what costs is fresh
+shared memory and pickled Python objects, so `build_loader` gives its workers a
+ring of reused shared-memory batch buffers (BatchRing) and batches carry their
+JSON as raw bytes, parsed when read (MetaList). bench/loader.py measures it, in
+one process and through build_loader's workers.
 
 Epochs and ranks. With `resampled=True` every rank and worker draws shards
 with replacement from its own seeded stream (seed, epoch, rank, worker): an
@@ -27,8 +32,18 @@ permutes the shard order (the same permutation on every rank), lays the
 samples end to end and gives every (rank, worker) a disjoint contiguous range;
 each rank gets exactly `floor(total / (world_size * batch_size))` batches, so
 ranks never wait for one another at the end of an epoch, whatever the shard
-sizes. A range that comes up short (corrupt samples) is topped up by reading
-it again, counted in `refills`.
+sizes. A range that comes up short (corrupt samples, or a damaged shard) is
+topped up from the epoch's shards that follow it (wrapping around), counted in
+`refills`: a few samples are then read twice in that epoch, but no rank falls
+short and leaves the others waiting at their next collective.
+
+Bad shards. A corrupt or truncated tar, or an undecodable sample, is skipped,
+counted by reason and logged; the run goes on. At start-up `loader.verify`
+compares the shard files with the manifest (size, or size and sha256): a shard
+that is missing or differs is left out on every rank (so all ranks still agree
+on the batch count), logged with its file name and counted in
+`data/shards_excluded`, unless such shards hold more than
+`loader.max_excluded_fraction` of the samples: then the set is refused.
 
 `build_loader(cfg, rank=..., world_size=...)` returns a `ShardLoader`: iterate
 it for batches; it also carries the manifest, the batch count per epoch, the
@@ -37,12 +52,18 @@ counters and `to_device`.
 
 from __future__ import annotations
 
+import atexit
+import ctypes
 import functools
 import json
 import logging
+import math
 import multiprocessing as mp
+import os
 import random
 import signal
+import sys
+import weakref
 import zlib
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -67,6 +88,7 @@ SKIP_REASONS = ("tar", "missing", "decode", "shape")
 _WARN_FIRST = 20  # skip warnings logged in full per process; then one in every _WARN_EVERY
 _WARN_EVERY = 1000
 _RP_FALLBACK_STATS = (127.5, 127.5)  # plots made on the fly, set without rp statistics
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
 _JSON = json.JSONDecoder()  # raw_decode on text: json.loads without its per-call checks
 
 
@@ -316,7 +338,8 @@ class SampleDecoder:
     """Checks and decodes one raw sample; cheap because every sample of a view looks alike.
 
     Returns a dict: for .npy views a memoryview of the data (header checked),
-    for PNG views the inflated filtered rows (bytes), "__meta__" the parsed JSON.
+    for PNG views the inflated filtered rows (bytes), "__meta__" the parsed JSON
+    and "__json__" its raw bytes (what batches carry, see MetaList).
     Raises _Skip(reason, detail) for a sample that cannot be used.
     """
 
@@ -365,6 +388,7 @@ class SampleDecoder:
             if not isinstance(meta, dict):
                 raise _Skip("decode", "json: not an object")
             out["__meta__"] = meta
+            out["__json__"] = data
         return out
 
     def _npy(self, view: str, data: bytes) -> memoryview:
@@ -454,7 +478,6 @@ def decode(
                 ) from None
             continue
         failures = 0
-        out["__url__"] = sample["__url__"]
         yield out
 
 
@@ -583,23 +606,49 @@ class BatchBuilder:
             )
         return plots
 
-    def finish(self, view: str, x: np.ndarray, groups: list[tuple[int, int, int]]) -> torch.Tensor:
-        """A new tensor of batch array `x`: rows a:b transformed by dihedral k for (k, a, b) in
-        `groups`, then float32 (x - mean) / std per channel if the view has statistics."""
-        norm = self.norm.get(view)
-        out = np.empty(x.shape, np.float32 if norm is not None else x.dtype)
+    def layout(self, n: int) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+        """Shape and dtype of every array of a batch of `n` samples (labels and meta aside)."""
+        out = {}
+        for view in self.views:
+            if view == "rp" and self.rp_on_the_fly == "gpu":
+                out["rp_series"] = ((n, *self.specs["series"].shape), np.dtype(np.float32))
+                continue
+            if view == "rp" and self.rp_on_the_fly == "cpu":
+                channels, steps = self.specs["series"].shape
+                size = self.rp_size or steps
+                shape, dtype = (channels, size, size), np.dtype(np.uint8)
+            else:
+                shape, dtype = self.specs[view].shape, np.dtype(self.specs[view].dtype)
+            out[view] = ((n, *shape), np.dtype(np.float32) if view in self.norm else dtype)
+        return out
+
+    def finish(
+        self, view: str, x: np.ndarray, groups: list[tuple[int, int, int]], out: np.ndarray
+    ) -> None:
+        """Fill `out` from batch array `x`: rows a:b transformed by dihedral k for (k, a, b) in
+        `groups`, then (x - mean) / std per channel if the view has statistics."""
         for k, a, b in groups:
             np.copyto(out[a:b], dihedral(x[a:b], k) if k else x[a:b])  # casts while copying
-        tensor = torch.from_numpy(out)
+        norm = self.norm.get(view)
         if norm is not None:
+            tensor = torch.from_numpy(out)
             shape = (1, -1) + (1,) * (x.ndim - 2)
             # torch's kernels run these two passes about twice as fast as numpy's.
             tensor.sub_(torch.from_numpy(norm[0]).view(shape))
             tensor.mul_(torch.from_numpy(1.0 / norm[1]).view(shape))
-        return tensor
 
-    def __call__(self, samples: list[dict[str, Any]], rng: np.random.Generator) -> dict[str, Any]:
+    def __call__(
+        self,
+        samples: list[dict[str, Any]],
+        rng: np.random.Generator,
+        out: dict[str, np.ndarray] | None = None,
+    ) -> dict[str, Any]:
+        """The batch of decoded `samples`: the arrays of `layout` (written into `out` where
+        given, else new), `label`/`labels` arrays and `meta` (a MetaList) where the samples
+        have JSON."""
         n = len(samples)
+        if out is None:
+            out = {k: np.empty(shape, dtype) for k, (shape, dtype) in self.layout(n).items()}
         plain = [(0, 0, n)]
         groups = plain
         if self.augment_views:
@@ -611,26 +660,67 @@ class BatchBuilder:
             bounds = np.searchsorted(transforms[order], np.arange(9)).tolist()
             groups = [(k, bounds[k], bounds[k + 1]) for k in range(8) if bounds[k] < bounds[k + 1]]
         arrays = self.collate(samples)
-        out: dict[str, Any] = {}
         if self.rp_on_the_fly == "cpu" and "rp" in self.views:
             arrays["rp"] = self.recurrence_plots(arrays["series"])
         elif self.rp_on_the_fly == "gpu" and "rp" in self.views:
-            out["rp_series"] = torch.from_numpy(arrays["series"].astype(np.float32))
+            np.copyto(out["rp_series"], arrays["series"])
         for view in self.views:
             if view in arrays:  # else "rp", built on the device from rp_series
                 aligned = groups if view in self.augment_views else plain
-                out[view] = self.finish(view, arrays[view], aligned)
+                self.finish(view, arrays[view], aligned, out[view])
+        batch: dict[str, Any] = dict(out)
         if samples and "__meta__" in samples[0]:
             metas = [s["__meta__"] for s in samples]
-            out["meta"] = metas
+            batch["meta"] = MetaList([s["__json__"] for s in samples])
             if "label" in metas[0]:
                 labels = [m.get("label") for m in metas]
-                out["label"] = torch.tensor(
-                    [-1 if v is None else int(v) for v in labels], dtype=torch.int64
-                )
+                batch["label"] = np.array([-1 if v is None else int(v) for v in labels], np.int64)
             if "labels" in metas[0]:
-                out["labels"] = torch.tensor([m.get("labels") for m in metas], dtype=torch.float32)
-        return out
+                batch["labels"] = np.array([m.get("labels") for m in metas], np.float32)
+        return batch
+
+
+def as_tensors(batch: dict[str, Any]) -> dict[str, Any]:
+    """The batch with its numpy arrays as torch tensors (sharing their memory)."""
+    return {k: torch.from_numpy(v) if isinstance(v, np.ndarray) else v for k, v in batch.items()}
+
+
+class MetaList:
+    """The JSON metadata of a batch, one dict per sample, parsed on first use.
+
+    Workers parse every sample's JSON to check it (a sample whose JSON does not parse is
+    skipped) and to read its labels, then pass on the raw bytes: a list of dicts costs more
+    to pickle through a DataLoader queue and unpickle (about 14 us per PIMC sample with 61
+    dates) than parsing it again, and training never reads it. Not a Sequence subclass, so
+    torch's collate and pin_memory leave it alone instead of walking every value.
+    """
+
+    def __init__(self, raw: list[bytes]):
+        self._raw = raw
+        self._items: list[dict[str, Any]] | None = None
+
+    def _parsed(self) -> list[dict[str, Any]]:
+        if self._items is None:
+            self._items = [json.loads(r) for r in self._raw]
+        return self._items
+
+    def __len__(self) -> int:
+        return len(self._raw)
+
+    def __getitem__(self, i: int | slice) -> Any:
+        return self._parsed()[i]
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        return iter(self._parsed())
+
+    def __repr__(self) -> str:
+        return f"MetaList({len(self._raw)} samples)"
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return MetaList, (self._raw,)
+
+    def pin_memory(self, device: Any = None) -> MetaList:
+        return self
 
 
 def _fill(buf: np.ndarray, payloads: list[Any]) -> None:
@@ -639,6 +729,105 @@ def _fill(buf: np.ndarray, payloads: list[Any]) -> None:
     step = len(flat) // len(payloads)
     for i, payload in enumerate(payloads):
         flat[i * step : (i + 1) * step] = payload
+
+
+# ---------------------------------------------------------------------------
+# Batches through shared memory
+# ---------------------------------------------------------------------------
+
+
+def _carve(buffer: np.ndarray, layout: dict[str, tuple[tuple[int, ...], np.dtype]]) -> dict:
+    """Arrays of `layout` laid one after another (64-byte aligned) in the uint8 `buffer`."""
+    arrays, offset = {}, 0
+    for key, (shape, dtype) in layout.items():
+        nbytes = math.prod(shape) * dtype.itemsize
+        arrays[key] = buffer[offset : offset + nbytes].view(dtype).reshape(shape)
+        offset += -(-nbytes // 64) * 64
+    return arrays
+
+
+def _layout_bytes(layout: dict[str, tuple[tuple[int, ...], np.dtype]]) -> int:
+    return sum(-(-math.prod(shape) * dtype.itemsize // 64) * 64 for shape, dtype in layout.values())
+
+
+@dataclass(frozen=True)
+class RingBatch:
+    """What a worker sends for a batch built in its ring: where it is, and the small parts."""
+
+    worker: int
+    slot: int
+    n: int
+    extras: dict[str, Any]  # label/labels arrays, meta
+
+
+def shared_memory_free(path: str = "/dev/shm") -> int:
+    """Bytes free in the shared-memory file system (a large number where there is none)."""
+    try:
+        st = os.statvfs(path)
+    except OSError:
+        return 2**62
+    return st.f_bavail * st.f_frsize
+
+
+class BatchRing:
+    """Batch buffers in shared memory, `slots` per DataLoader worker, reused batch after batch.
+
+    A tensor that a worker hands to the trainer travels through shared memory, and fresh
+    shared memory is slow to fault in (4 KiB pages, no huge pages for shmem): about 55 us
+    per PIMC sample of float32 batch, as long as building the batch. So the trainer allocates
+    this ring before its workers start; a worker builds its i-th ring batch in slot
+    i % slots, sends only the slot number (RingBatch), and the trainer copies the batch into
+    its own memory (pinned for CUDA: the copy that pin_memory would make anyway) and frees
+    the slot (`take`). Batches of one worker arrive in the order it built them, so when the
+    semaphore lets a worker take its i-th slot, batch i - slots has been copied out. With no
+    free slot the worker builds the batch in new memory (never waits, never overwrites); a
+    batch dropped unread (an iterator abandoned mid-epoch) only costs the ring that slot.
+    """
+
+    def __init__(self, nbytes: int, workers: int, slots: int):
+        self.slots = slots
+        self.buffers = [
+            [torch.empty(nbytes, dtype=torch.uint8).share_memory_() for _ in range(slots)]
+            for _ in range(workers)
+        ]
+        self.free = [mp.Semaphore(slots) for _ in range(workers)]
+        self._taken = 0  # in a worker process: ring slots taken so far
+
+    @property
+    def workers(self) -> int:
+        return len(self.free)
+
+    def acquire(
+        self, worker: int, layout: dict[str, tuple[tuple[int, ...], np.dtype]]
+    ) -> int | None:
+        """A worker's next slot for a batch of `layout`; None when it does not fit or all the
+        worker's slots hold batches not copied out yet. A taken slot must be sent (or lost
+        with an exception): freeing one unsent would break the order `take` relies on."""
+        if _layout_bytes(layout) > self.buffers[worker][0].numel():
+            return None
+        if not self.free[worker].acquire(block=False):
+            return None
+        slot = self._taken % self.slots
+        self._taken += 1
+        return slot
+
+    def arrays(
+        self, worker: int, slot: int, layout: dict[str, tuple[tuple[int, ...], np.dtype]]
+    ) -> dict[str, np.ndarray]:
+        """The arrays of `layout` in a slot."""
+        return _carve(self.buffers[worker][slot].numpy(), layout)
+
+    def take(
+        self, batch: RingBatch, layout: dict[str, tuple[tuple[int, ...], np.dtype]], pin: bool
+    ) -> dict[str, Any]:
+        """The trainer's copy of a ring batch, as tensors; frees the slot."""
+        out: dict[str, Any] = {}
+        for key, view in self.arrays(batch.worker, batch.slot, layout).items():
+            # numpy's new arrays get huge pages where torch.empty's do not (10x faster here)
+            out[key] = torch.from_numpy(view).pin_memory() if pin else torch.from_numpy(view.copy())
+        self.free[batch.worker].release()
+        out.update(as_tensors(batch.extras))
+        return out
 
 
 # ---------------------------------------------------------------------------
@@ -709,7 +898,7 @@ class ShardStream(IterableDataset):
         self.paths = [str(p) for p in manifest.shard_paths()]
         self.counts = [s.samples for s in manifest.shards]
         if manifest.total_samples == 0:
-            raise LoaderError(f"{manifest.path}: the shard set holds no samples")
+            raise LoaderError(f"{manifest.path}: the shard set holds no (usable) samples")
         if drop_last and self.batches_per_epoch() == 0:
             raise LoaderError(
                 f"{manifest.path}: {manifest.total_samples} samples cannot fill one batch of "
@@ -725,6 +914,7 @@ class ShardStream(IterableDataset):
             rp_size=rp_size,
         )
         self.decoder = SampleDecoder(self.specs, meta="json" in manifest.members)
+        self.ring: BatchRing | None = None  # set by build_loader for its DataLoader workers
 
     @staticmethod
     def _read_specs(
@@ -783,13 +973,33 @@ class ShardStream(IterableDataset):
             )
         else:
             samples = self._exact_samples(epoch, worker, num_workers, rng, suffixes, warn)
+        ring = self.ring
+        if ring is not None and (get_worker_info() is None or ring.workers != num_workers):
+            ring = None  # iterated in the trainer itself, or by another DataLoader
         for group in batched(samples, self.batch_size, partial=not self.drop_last):
-            batch = self.builder(group, aug_rng)
+            batch = self._build(group, aug_rng, ring, worker)
             self.stats.add("samples", len(group))
             self.stats.add("batches")
             self.stats.flush()
             yield batch
         self.stats.flush()
+
+    def _build(
+        self,
+        samples: list[dict[str, Any]],
+        rng: np.random.Generator,
+        ring: BatchRing | None,
+        worker: int,
+    ) -> dict[str, Any] | RingBatch:
+        """A batch of tensors, or in a worker with a ring, a batch built in a ring slot."""
+        if ring is not None:
+            layout = self.builder.layout(len(samples))
+            slot = ring.acquire(worker, layout)
+            if slot is not None:
+                batch = self.builder(samples, rng, ring.arrays(worker, slot, layout))
+                extras = {k: v for k, v in batch.items() if k not in layout}
+                return RingBatch(worker, slot, len(samples), extras)
+        return as_tensors(self.builder(samples, rng))
 
     def _exact_samples(
         self,
@@ -814,10 +1024,13 @@ class ShardStream(IterableDataset):
             drop_last=self.drop_last,
             order=order,
         )
+        if needed == 0:
+            return
+        reads = tasks
         produced = 0
-        while produced < needed:
+        while True:
             got = 0
-            raw = read_samples(tasks, suffixes=suffixes, stats=self.stats, warn=warn)
+            raw = read_samples(reads, suffixes=suffixes, stats=self.stats, warn=warn)
             for sample in decode(
                 shuffled(raw, self.shuffle_buffer, rng), self.decoder, stats=self.stats, warn=warn
             ):
@@ -826,21 +1039,38 @@ class ShardStream(IterableDataset):
                 produced += 1
                 if produced == needed:
                     return
-            if got == 0:
-                names = sorted({Path(t.path).name for t in tasks})
-                raise LoaderError(
-                    f"rank {self.rank} worker {worker}: no decodable sample in {names}"
-                )
             if not self.drop_last:
                 return  # evaluation: every readable sample once, no top-up
+            if got == 0 and reads is not tasks:
+                raise LoaderError(
+                    f"rank {self.rank} worker {worker}: no decodable sample in any of the "
+                    f"{len(self.paths)} shard(s) of {self.manifest.root}"
+                )
+            # Top up from the shards after this range: a rank that yielded fewer batches
+            # than the others would leave them waiting forever at the next collective.
+            reads = self._top_up_tasks(order, tasks)
             self.stats.add("refills")
             log.warning(
-                "rank %d worker %d: %d of %d samples this epoch after skips; reading the range again",
+                "rank %d worker %d: %d of %d samples this epoch after skips; "
+                "topping up from the shards after %s",
                 self.rank,
                 worker,
                 produced,
                 needed,
+                Path(tasks[-1].path).name,
             )
+
+    def _top_up_tasks(self, order: list[int], tasks: list[ReadTask]) -> list[ReadTask]:
+        """Every shard of the epoch, whole, starting with the one after the range of `tasks`."""
+        start = order.index(self.paths.index(tasks[-1].path)) + 1
+        rotated = order[start:] + order[:start]
+        return [ReadTask(self.paths[i], 0, self.counts[i]) for i in rotated if self.counts[i] > 0]
+
+
+def _close_at_exit(ref: weakref.ref) -> None:
+    loader = ref()
+    if loader is not None:
+        loader.close()
 
 
 class ShardLoader:
@@ -853,8 +1083,19 @@ class ShardLoader:
     batch and builds recurrence plots there when `rp_on_the_fly == "gpu"`.
     """
 
-    def __init__(self, stream: ShardStream, dataloader: DataLoader, *, rp_size: int, epoch: int):
+    def __init__(
+        self,
+        stream: ShardStream,
+        dataloader: DataLoader,
+        *,
+        rp_size: int,
+        epoch: int,
+        excluded: list[str] | None = None,
+        pin: bool = False,
+    ):
         self.stream = stream
+        self.pin = pin  # copy ring batches into pinned memory (CUDA)
+        self.excluded = list(excluded or [])  # problems of the shards left out at start-up
         self.dataloader = dataloader
         self.manifest = stream.manifest
         self.stats = stream.stats
@@ -864,17 +1105,31 @@ class ShardLoader:
         self.rp_size = rp_size
         self._next_epoch = epoch
         self._rp_torch = None
+        # Registered after multiprocessing's own exit handler, so it runs first: that
+        # handler SIGTERMs and joins daemon children, and our workers ignore SIGTERM
+        # (see _worker_init), so a loader still alive at exit would hang it forever.
+        atexit.register(_close_at_exit, weakref.ref(self))
 
     @property
     def views(self) -> list[str]:
         return self.stream.views
 
+    def close(self) -> None:
+        """Stop the worker processes now (they also stop when the loader is freed)."""
+        iterator = getattr(self.dataloader, "_iterator", None)
+        if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+            iterator._shutdown_workers()
+        self.dataloader._iterator = None
+
     def set_epoch(self, epoch: int) -> None:
         self._next_epoch = epoch
 
     def counters(self) -> dict[str, int]:
-        """The loader counters summed over workers, keyed "data/<name>" for metric logs."""
-        return {f"data/{k}": v for k, v in self.stats.as_dict().items()}
+        """The loader counters summed over workers, keyed "data/<name>" for metric logs,
+        and the number of shards left out at start-up (`data/shards_excluded`)."""
+        counts = {f"data/{k}": v for k, v in self.stats.as_dict().items()}
+        counts["data/shards_excluded"] = len(self.excluded)
+        return counts
 
     def sample_images(self, n: int) -> dict[str, np.ndarray]:
         """Up to `n` samples of the first shard as uint8 HxW or HxWx3 images per view, for a glance.
@@ -900,7 +1155,14 @@ class ShardLoader:
     def __iter__(self) -> Iterator[dict[str, Any]]:
         self.stream.epoch.set(self._next_epoch)
         self._next_epoch += 1
-        return iter(self.dataloader)
+        batches = iter(self.dataloader)
+        ring = self.stream.ring
+        if ring is None:
+            return batches
+        layout = self.stream.builder.layout
+        return (
+            ring.take(b, layout(b.n), self.pin) if isinstance(b, RingBatch) else b for b in batches
+        )
 
     def __len__(self) -> int:
         if self.resampled:
@@ -945,10 +1207,29 @@ def _display_image(x: np.ndarray) -> np.ndarray:
     return (np.clip((x - lo) / max(hi - lo, 1e-6), 0, 1) * 255).astype(np.uint8)
 
 
+def _die_with_parent() -> None:
+    """Linux: this worker gets SIGKILL when the trainer that forked it dies.
+
+    A trainer killed outright (OOM killer, SIGKILL) leaves its workers blocked on a full
+    result pipe forever, and they ignore SIGTERM (above); this ends them with it.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    parent = os.getppid()
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:  # the trainer died before prctl took effect
+        os._exit(1)
+
+
 def _worker_init(rp_on_the_fly: str, worker_id: int) -> None:
     # Slurm's SIGTERM reaches every process of a job: the trainer saves a checkpoint
     # first, so its workers must keep serving batches until the main process exits.
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    _die_with_parent()
     if rp_on_the_fly == "cpu":  # one numba thread per worker: the workers are the parallelism
         import numba
 
@@ -968,18 +1249,12 @@ def build_loader(
 
     `train=False` gives an evaluation loader: shard order kept, no shuffling or
     augmentation, every sample once (the last batch of a worker may be short).
-    Shard files are checked against the manifest first (`loader.verify`:
-    none | size | sha256); problems raise ShardError listing every file.
+    Shard files are checked against the manifest first (see `usable_manifest`).
     """
     lc = cfg.loader
-    root = Path(lc.shards)
-    check = str(lc.verify)
-    if check == "none":
-        manifest = shardio.read_manifest(root)
-    elif check in ("size", "sha256"):
-        manifest = shardio.ensure_valid(root, checksums=check == "sha256")
-    else:
-        raise LoaderError(f"loader.verify must be none, size or sha256, got {check!r}")
+    manifest, excluded = usable_manifest(
+        Path(lc.shards), str(lc.verify), float(lc.max_excluded_fraction)
+    )
     stream = ShardStream(
         manifest,
         views=list(lc.views),
@@ -999,27 +1274,104 @@ def build_loader(
     )
     workers = int(lc.workers)
     pin = device is not None and torch.device(device).type == "cuda"
+    if workers > 0:
+        # One slot more than the batches a worker may have in flight (prefetch_factor).
+        layout = stream.builder.layout(stream.batch_size)
+        slots = int(lc.prefetch_factor) + 1
+        ring_bytes = _layout_bytes(layout) * workers * slots
+        if ring_bytes <= shared_memory_free() // 2:
+            stream.ring = BatchRing(_layout_bytes(layout), workers, slots)
+        else:
+            # tmpfs pages are only taken when touched: a ring larger than /dev/shm would
+            # die of SIGBUS mid-run instead of failing here. Batches then travel as torch's
+            # DataLoader sends them (slower, but within what the machine has).
+            log.warning(
+                "loader: no shared-memory batch ring (%.0f MiB for %d worker(s) x %d slots; "
+                "/dev/shm has %.0f MiB free); lower loader.prefetch_factor or train.batch_size, "
+                "or give the job more /dev/shm",
+                ring_bytes / 2**20,
+                workers,
+                slots,
+                shared_memory_free() / 2**20,
+            )
     dataloader = DataLoader(
         stream,
         batch_size=None,
         num_workers=workers,
         persistent_workers=workers > 0,
-        pin_memory=pin,
+        pin_memory=pin and workers == 0,  # with workers, the ring's copy pins (ShardLoader)
+        collate_fn=_as_is,  # batches are ready; default_convert would walk every value
         prefetch_factor=int(lc.prefetch_factor) if workers > 0 else None,
         worker_init_fn=functools.partial(_worker_init, str(lc.rp_on_the_fly))
         if workers > 0
         else None,
     )
-    return ShardLoader(stream, dataloader, rp_size=int(cfg.data.rp_size), epoch=epoch)
+    return ShardLoader(
+        stream,
+        dataloader,
+        rp_size=int(cfg.data.rp_size),
+        epoch=epoch,
+        excluded=excluded,
+        pin=pin,
+    )
+
+
+def _as_is(batch: Any) -> Any:
+    return batch
+
+
+def usable_manifest(
+    root: str | Path, verify: str = "size", max_excluded_fraction: float = 0.1
+) -> tuple[Manifest, list[str]]:
+    """The manifest of the set at `root` without the shards that fail `verify`, and their problems.
+
+    `verify`: none (no check) | size (file sizes) | sha256 (sizes and checksums). A
+    listed shard that is missing or differs is left out and logged, naming the file;
+    if such shards hold more than `max_excluded_fraction` of the samples, ShardError
+    listing every one. Every rank sees the same files, so all leave out the same shards.
+    """
+    if verify not in ("none", "size", "sha256"):
+        raise LoaderError(f"loader.verify must be none, size or sha256, got {verify!r}")
+    if not 0.0 <= max_excluded_fraction <= 1.0:
+        raise LoaderError(
+            f"loader.max_excluded_fraction must be in [0, 1], got {max_excluded_fraction}"
+        )
+    manifest = shardio.read_manifest(root)
+    if verify == "none":
+        return manifest, []
+    for path in shardio.unlisted_shards(manifest):
+        log.warning("%s: shard file not listed in %s; not read", path, manifest.path.name)
+    problems = shardio.shard_problems(manifest, checksums=verify == "sha256")
+    if not problems:
+        return manifest, []
+    lost = sum(s.samples for s in manifest.shards if s.name in problems)
+    share = lost / max(manifest.total_samples, 1)
+    what = (
+        f"{len(problems)} of {len(manifest.shards)} shard(s) disagree with "
+        f"{manifest.path.name} (loader.verify={verify}), holding {lost} of "
+        f"{manifest.total_samples} samples ({share:.1%})"
+    )
+    lines = "\n  ".join(problems.values())
+    if share > max_excluded_fraction:
+        raise ShardError(
+            f"{root}: {what}, more than loader.max_excluded_fraction={max_excluded_fraction}; "
+            f"re-shard or restore them:\n  {lines}"
+        )
+    log.warning("%s: %s; left out of this run:\n  %s", root, what, lines)
+    return manifest.without(frozenset(problems)), list(problems.values())
 
 
 __all__ = [
     "BatchBuilder",
+    "BatchRing",
     "LoaderError",
     "LoaderStats",
+    "MetaList",
     "ReadTask",
+    "RingBatch",
     "SampleDecoder",
     "SharedEpoch",
+    "as_tensors",
     "ShardLoader",
     "ShardStream",
     "batched",
@@ -1031,4 +1383,5 @@ __all__ = [
     "read_samples",
     "resampled_tasks",
     "shuffled",
+    "usable_manifest",
 ]

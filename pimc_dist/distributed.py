@@ -24,6 +24,7 @@ import os
 import re
 import signal
 import socket
+import sys
 import threading
 import zlib
 from dataclasses import dataclass
@@ -375,9 +376,37 @@ def barrier() -> None:
 
 
 def cleanup() -> None:
-    """Leave the process group (no-op if not joined)."""
+    """Leave the process group (no-op if not joined), so this process may join another."""
     if is_initialized():
         dist.destroy_process_group()
+    _forget_deepspeed_groups()
+
+
+def _forget_deepspeed_groups() -> None:
+    """Drop the groups DeepSpeed cached on the group just destroyed.
+
+    DeepSpeed keeps module-level clones of the world group (and expert, model and data
+    parallel groups) for the life of the process; after a new `init_process_group` they
+    would name a destroyed group ("Group ... is not registered"). Running two jobs in one
+    process (a notebook, a benchmark, tests) needs them gone.
+    """
+    groups = sys.modules.get("deepspeed.utils.groups")
+    if groups is None:
+        return
+    for name, empty in (
+        ("_WORLD_GROUP", None),
+        ("_ZERO_PARAM_INTRA_PARALLEL_GROUP", None),
+        ("_TENSOR_MODEL_PARALLEL_GROUP", None),
+        ("_MODEL_PARALLEL_GROUP", None),
+        ("_DATA_PARALLEL_GROUP", None),
+        ("_EXPERT_PARALLEL_GROUP", {}),
+        ("_EXPERT_PARALLEL_GROUP_RANKS", {}),
+        ("_EXPERT_DATA_PARALLEL_GROUP", {}),
+        ("_EXPERT_DATA_PARALLEL_GROUP_RANKS", {}),
+        ("_ALL_TO_ALL_GROUP", {}),
+    ):
+        if hasattr(groups, name):
+            setattr(groups, name, empty)
 
 
 # ---------------------------------------------------------------------------

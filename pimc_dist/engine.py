@@ -6,16 +6,20 @@ decay on norms, biases and the logit scale) and the warmup + cosine schedule,
 and owns the checkpoint folder:
 
     <run_dir>/checkpoints/
-        step00000200/          DeepSpeed files of every rank + client_state.json
+        step00000200/            DeepSpeed files of every rank + client_state.json
         step00000400/
-        latest                 tag of the newest COMPLETE checkpoint
+        step00000400_universal/  made on resume with another world size
+        latest                   tag of the newest COMPLETE checkpoint
 
-`latest` is written by rank 0 (temp file + rename) only after every rank has
-finished writing, so a crash during a save leaves the previous checkpoint in
-charge. The client state (step, samples seen, data epoch, RNG states, W&B id,
-resolved config) is JSON, never pickle. DeepSpeed's own files are read back
-through `torch.load(weights_only=True)` with an allowlist of the few plain
-types DeepSpeed stores (see `_safe_torch_load`).
+Rank 0 writes client_state.json and then `latest` (temp file + rename) only after
+a barrier that every rank reaches once its files are written, so the client state
+marks a complete checkpoint and a crash during a save (of any rank) leaves the
+previous checkpoint in charge. Keep-last-K counts complete step folders only;
+universal conversions go with the folder they came from. The client state (step,
+samples seen, data epoch, RNG states, W&B id, resolved config) is JSON, never
+pickle. DeepSpeed's own files, also when converted to the universal format, are
+read back through `torch.load(weights_only=True)` with an allowlist of the few
+DeepSpeed classes they hold (see `_safe_torch_load`).
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import math
 import os
 import pickle
 import random
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -35,8 +40,10 @@ from typing import Any
 import numpy as np
 import torch
 
-CLIENT_STATE = "client_state.json"
+CLIENT_STATE = "client_state.json"  # written last: its presence marks a complete checkpoint
 LATEST = "latest"
+UNIVERSAL_SUFFIX = "_universal"
+_STEP_TAG = re.compile(r"step\d{8}")
 
 
 class CheckpointError(RuntimeError):
@@ -185,29 +192,39 @@ def read_client_state(ckpt_dir: str | os.PathLike, tag: str) -> dict[str, Any]:
     return state
 
 
-# Globals a DeepSpeed checkpoint may reference: its own classes (loss scaler, ZeRO
-# stage enum, fragment addresses) and plain containers. Anything else (os.system,
-# builtins.open, a user's class) makes the load fail instead of running it.
-_ALLOWED_GLOBAL_PREFIXES = ("deepspeed.", "collections.OrderedDict", "torch.", "argparse.Namespace")
+# The only non-tensor classes DeepSpeed 0.19 pickles into its checkpoint files (ZeRO
+# 0-3, bf16 or not, and the universal format): the loss scaler, the ZeRO stage enum and
+# the fragment addresses of ZeRO-1/2. Plain containers, tensors and dtypes are already
+# admitted by weights_only. Anything else (os.system, builtins.open, any torch or
+# DeepSpeed class whose construction has side effects) makes the load fail instead of
+# running it; a newer DeepSpeed that pickles another class needs it added here.
+_ALLOWED_GLOBALS = frozenset(
+    {
+        "deepspeed.runtime.fp16.loss_scaler.LossScaler",
+        "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler",
+        "deepspeed.runtime.zero.config.ZeroStageEnum",
+        "deepspeed.utils.tensor_fragment.fragment_address",
+    }
+)
+
+# What a torn, truncated or foreign checkpoint file raises from inside DeepSpeed.
+_READ_ERRORS = (RuntimeError, OSError, EOFError, KeyError, ValueError, pickle.UnpicklingError)
 
 
 def _restricted_load(original: Any, path: Any, *args: Any, **kwargs: Any) -> Any:
-    """`torch.load(weights_only=True)` that also admits DeepSpeed's own plain classes."""
+    """`torch.load(weights_only=True)` that also admits the DeepSpeed classes of `_ALLOWED_GLOBALS`."""
     import importlib
 
     names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
-    bad = [n for n in names if not n.startswith(_ALLOWED_GLOBAL_PREFIXES)]
+    bad = sorted(set(names) - _ALLOWED_GLOBALS)
     if bad:
         raise CheckpointError(
-            f"{path}: refuses to unpickle {', '.join(sorted(bad))} (not a DeepSpeed type)"
+            f"{path}: refuses to unpickle {', '.join(bad)} (not a DeepSpeed checkpoint type)"
         )
     safe = []
     for name in names:
         module, _, attr = name.rpartition(".")
-        obj = getattr(importlib.import_module(module), attr, None)
-        if not isinstance(obj, type):  # classes only: a function global could run anything
-            raise CheckpointError(f"{path}: refuses to unpickle {name} (not a class)")
-        safe.append(obj)
+        safe.append(getattr(importlib.import_module(module), attr))
     kwargs["weights_only"] = True
     with torch.serialization.safe_globals(safe):
         return original(path, *args, **kwargs)
@@ -215,30 +232,34 @@ def _restricted_load(original: Any, path: Any, *args: Any, **kwargs: Any) -> Any
 
 @contextlib.contextmanager
 def _safe_torch_load() -> Iterator[None]:
-    """Route DeepSpeed's checkpoint reads through `_restricted_load`.
+    """Route every `torch.load` (DeepSpeed's checkpoint reads) through `_restricted_load`.
 
-    DeepSpeed 0.19 calls `torch.load(..., weights_only=False)`, which would run any
-    object pickled into a checkpoint file.
+    DeepSpeed 0.19 calls `torch.load(..., weights_only=False)` from its checkpoint
+    engine, its universal-checkpoint loader and its `ds_to_universal` converter, which
+    would run any object pickled into a checkpoint file. They all look `torch.load` up
+    at call time, so replacing the attribute reaches every one of them (in this
+    process: the converter runs with one worker, no subprocesses).
     """
-    from deepspeed.runtime.checkpoint_engine import torch_checkpoint_engine
-
-    original = torch_checkpoint_engine.torch.load
+    original = torch.load
 
     def load(path: Any, *args: Any, **kwargs: Any) -> Any:
         return _restricted_load(original, path, *args, **kwargs)
 
-    torch_checkpoint_engine.torch.load = load
+    torch.load = load
     try:
         yield
     finally:
-        torch_checkpoint_engine.torch.load = original
+        torch.load = original
 
 
 def convert_to_universal(ckpt_dir: Path, tag: str) -> str:
-    """Convert one ZeRO checkpoint to DeepSpeed's universal format (rank 0 only); returns the new tag."""
+    """Convert one ZeRO checkpoint to DeepSpeed's universal format (rank 0 only); returns the new tag.
+
+    Reads the checkpoint through the same restricted loader as `Engine.load`.
+    """
     from deepspeed.checkpoint import ds_to_universal
 
-    out_tag = f"{tag}_universal"
+    out_tag = f"{tag}{UNIVERSAL_SUFFIX}"
     out = ckpt_dir / out_tag
     if (out / CLIENT_STATE).is_file():
         return out_tag
@@ -250,14 +271,25 @@ def convert_to_universal(ckpt_dir: Path, tag: str) -> str:
         {
             "input_folder": str(ckpt_dir / tag),
             "output_folder": str(tmp),
-            "num_extract_workers": 1,
+            "num_extract_workers": 1,  # in this process, so that _safe_torch_load applies
             "num_merge_workers": 1,
             "keep_temp_folder": False,
             "strict": True,
             "inject_missing_state": False,
         },
     )()
-    ds_to_universal.main(args)
+    with _safe_torch_load():
+        try:
+            ds_to_universal.main(args)
+        except CheckpointError:
+            raise
+        except _READ_ERRORS as exc:
+            raise CheckpointError(
+                f"{ckpt_dir / tag}: cannot convert to a universal checkpoint: {exc}"
+            ) from exc
+    # ds_to_universal also leaves a `latest_universal` pointer naming the temporary folder;
+    # `latest` and explicit tags are this folder's pointers.
+    (ckpt_dir / "latest_universal").unlink(missing_ok=True)
     shutil.copy(ckpt_dir / tag / CLIENT_STATE, tmp / CLIENT_STATE)
     shutil.rmtree(out, ignore_errors=True)
     os.replace(tmp, out)
@@ -317,11 +349,17 @@ class Engine:
         return float(norm) if norm is not None else float("nan")
 
     def save(self, step: int, client_state: dict[str, Any]) -> Path:
-        """Save on every rank; `latest` moves to it only after all ranks finished."""
+        """Save on every rank; the checkpoint counts as complete, and `latest` moves to it,
+        only after all ranks finished writing."""
         import torch.distributed as dist
 
         tag = f"step{step:08d}"
-        self.ckpt_dir.mkdir(parents=True, exist_ok=True)
+        folder = self.ckpt_dir / tag
+        folder.mkdir(parents=True, exist_ok=True)
+        if self.rank == 0:
+            # A folder of this tag left by an earlier attempt must not look complete
+            # while it is being overwritten.
+            (folder / CLIENT_STATE).unlink(missing_ok=True)
         # Pure data parallelism: no tensor/pipeline patterns, only the version key that
         # DeepSpeed's universal-checkpoint converter requires (to resume on another world size).
         from deepspeed.checkpoint import constants
@@ -335,49 +373,68 @@ class Engine:
             client_state={constants.UNIVERSAL_CHECKPOINT_INFO: uc_info},
             save_latest=False,
         )
+        if dist.is_initialized():
+            dist.barrier()  # every rank's files are written; a rank that died never gets here
         if self.rank == 0:
             state = dict(client_state, tag=tag, world_size=self.world_size)
-            _atomic_write_text(self.ckpt_dir / tag / CLIENT_STATE, json.dumps(state))
-        if dist.is_initialized():
-            dist.barrier()
-        if self.rank == 0:
+            _atomic_write_text(folder / CLIENT_STATE, json.dumps(state))
             _atomic_write_text(self.ckpt_dir / LATEST, tag)
             self._prune(keep=int(self.cfg.train.keep_last), current=tag)
         if dist.is_initialized():
             dist.barrier()
-        return self.ckpt_dir / tag
+        return folder
 
     def _prune(self, keep: int, current: str) -> None:
-        tags = sorted(p.name for p in self.ckpt_dir.glob("step*") if p.is_dir())
+        """Keep the newest `keep` complete checkpoints (and their universal conversions).
+
+        Only `stepNNNNNNNN` folders with a client state count; an incomplete folder
+        older than `current` is debris of a crashed save and goes too.
+        """
+        tags = sorted(p.name for p in self.ckpt_dir.iterdir() if _STEP_TAG.fullmatch(p.name))
         complete = [t for t in tags if (self.ckpt_dir / t / CLIENT_STATE).is_file()]
-        for tag in complete[: max(0, len(complete) - keep)]:
-            if tag != current:
-                shutil.rmtree(self.ckpt_dir / tag, ignore_errors=True)
-        # Folders a crashed save left behind (no client state, older than the current one).
+        kept = {current, *complete[max(0, len(complete) - keep) :]}
         for tag in tags:
-            if tag not in complete and tag < current:
-                shutil.rmtree(self.ckpt_dir / tag, ignore_errors=True)
+            if tag in kept or (tag not in complete and tag > current):
+                continue
+            shutil.rmtree(self.ckpt_dir / tag, ignore_errors=True)
+        for path in self.ckpt_dir.glob(f"step*{UNIVERSAL_SUFFIX}"):
+            if path.name.removesuffix(UNIVERSAL_SUFFIX) not in kept:
+                shutil.rmtree(path, ignore_errors=True)
 
     def load(self, tag: str) -> None:
         """Load model, optimizer and schedule state of `tag` on every rank."""
+        universal = bool(self.ds_config.get("checkpoint", {}).get("load_universal"))
         with _safe_torch_load():
             try:
                 path, _ = self.module.load_checkpoint(str(self.ckpt_dir), tag=tag)
+                if path is not None and universal:
+                    self._load_buffers(self.ckpt_dir / tag)
             except CheckpointError:
                 raise
-            except (
-                RuntimeError,
-                OSError,
-                EOFError,
-                KeyError,
-                ValueError,
-                pickle.UnpicklingError,
-            ) as exc:
+            except _READ_ERRORS as exc:
                 raise CheckpointError(
                     f"{self.ckpt_dir / tag}: cannot load checkpoint: {exc}"
                 ) from exc
         if path is None:
             raise CheckpointError(f"{self.ckpt_dir / tag}: DeepSpeed found no checkpoint to load")
+
+    def _load_buffers(self, folder: Path) -> None:
+        """Restore module buffers (BatchNorm running statistics) after a universal load.
+
+        DeepSpeed 0.19's universal load restores parameters only, from `zero/`, and skips
+        the module state dict, so buffers would silently restart from their initial
+        values. They come from rank 0's model-states file, as a normal load takes them.
+        """
+        files = sorted(folder.glob("*mp_rank_00_model_states.pt"))
+        if not files:
+            raise CheckpointError(f"{folder}: no mp_rank_00_model_states.pt to read buffers from")
+        saved = torch.load(files[0], map_location="cpu")["module"]
+        module = self.module.module
+        names = set(dict(module.named_buffers())) & set(module.state_dict())  # persistent ones
+        missing = sorted(names - set(saved))
+        if missing:
+            raise CheckpointError(f"{files[0]}: holds no buffer {missing[0]}")
+        module.load_state_dict({name: saved[name] for name in names}, strict=False)
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """Consolidated fp32 weights of the whole model (gathers ZeRO-3 partitions); on every rank."""

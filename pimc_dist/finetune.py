@@ -32,8 +32,12 @@ rank a disjoint part of every global batch.
 
 Outputs in the run folder (`train.run_dir`): result.json (metrics, selected
 learning rate or epoch, baselines, sample counts, timings, the resolved config),
-confusion_matrix.png (classification), heads.safetensors (linear heads),
-metrics.jsonl and wandb/ (tracking; W&B group `tracking.group`).
+confusion_matrix.png (classification), curves.png (loss and validation score per
+epoch; finetune and cnn1d), heads.safetensors (linear heads), metrics.jsonl and
+wandb/ (tracking; W&B group `tracking.group`; the two pictures go there too).
+A folder that holds another run (a pretraining, a sweep, or a fine-tuning that
+differs in task, protocol, init, ckpt, inputs, label fraction, seed or, when
+training, lr) is refused before anything is written.
 """
 
 from __future__ import annotations
@@ -66,6 +70,7 @@ from pimc_dist.tasks import (
     label_subset,
     normalizer_for,
     read_splits,
+    season_steps,
     split_shards,
 )
 
@@ -73,6 +78,23 @@ PROTOCOLS = ("linear", "finetune", "cnn1d")
 INITS = ("pretrained", "random")
 WEIGHTS_FILE = "encoders.safetensors"
 RESULT_FILE = "result.json"
+# What a folder holds, told by what a run leaves in it.
+RUN_MARKERS = (
+    ("checkpoints", "pretraining"),
+    (WEIGHTS_FILE, "pretraining"),
+    (RESULT_FILE, "fine-tuning"),
+    ("cells", "sweep"),
+)
+# The settings that make a fine-tuning run what it is; others may change on a rerun.
+RUN_IDENTITY = (
+    "finetune.task",
+    "finetune.protocol",
+    "finetune.init",
+    "finetune.ckpt",
+    "finetune.inputs",
+    "finetune.label_fraction",
+    "train.seed",
+)
 
 EXAMPLES = """examples:
   python -m pimc_dist.finetune --config configs/finetune/pastis_pixel_cls.yaml ckpt=runs/tiny
@@ -431,13 +453,26 @@ def _cache_info(cfg: Any, task: Task, inputs: list[str], source: EncoderSource) 
 
 
 @torch.no_grad()
-def encode(model: DownstreamModel, data: SplitData, normalizer: Any, batch_size: int) -> np.ndarray:
-    """Frozen features (N, D) of a split, in batches, model in eval mode."""
+def encode(
+    model: DownstreamModel,
+    data: SplitData,
+    normalizer: Any,
+    batch_size: int,
+    progress: str | None = None,
+) -> np.ndarray:
+    """Frozen features (N, D) of a split, in batches, model in eval mode.
+
+    `progress`: a label for a progress bar (rate and ETA, on stderr); None shows none.
+    """
+    from pimc_dist.probe import progress_bar
+
     model.eval()
     out = []
-    for i in range(0, len(data), batch_size):
-        batch = normalizer.batch(data.inputs, slice(i, i + batch_size))
-        out.append(model.features(batch).float().numpy())
+    with progress_bar(len(data), progress, unit="sample") as bar:
+        for i in range(0, len(data), batch_size):
+            batch = normalizer.batch(data.inputs, slice(i, i + batch_size))
+            out.append(model.features(batch).float().numpy())
+            bar.update(min(batch_size, len(data) - i))
     return np.concatenate(out) if out else np.zeros((0, model.feature_dim), np.float32)
 
 
@@ -473,8 +508,11 @@ def run_linear(
         t1 = time.perf_counter()
         for split in SPLITS:
             data = splits[split]
+            label = f"features {split}" + (f" (rank 0 of {world})" if world > 1 else "")
             feats = (
-                encode(model, data, normalizer, int(ft.eval_batch_size))
+                encode(
+                    model, data, normalizer, int(ft.eval_batch_size), label if rank == 0 else None
+                )
                 if data is not None
                 else None
             )
@@ -521,6 +559,7 @@ def run_linear(
         batch_size=int(ft.probe_batch_size),
         weight_decay=float(ft.probe_weight_decay),
         seed=int(cfg.train.seed),
+        progress=f"{len(ft.probe_lrs)} linear heads",
     )
     timings["train_s"] = time.perf_counter() - t2
     if ft.save_heads:
@@ -537,7 +576,7 @@ def run_linear(
         "selected": {"lr": result.best_lr},
         "per_lr": result.per_lr,
         "loss_curve": result.loss_curve,
-        "baselines": task.baselines(d_train, cached["test"][1], ft),
+        "baselines": task.baselines(d_train, cached["test"][1], ft, season_steps(cfg)),
         "samples": {**counts, "train_labelled": len(d_train)},
         "feature_dim": int(x_train.shape[1]),
         "report": report,
@@ -688,7 +727,7 @@ def run_finetune(
         "val_metrics": best["val"],
         "selected": {"epoch": best["epoch"], "lr": float(cfg.train.lr)},
         "history": history,
-        "baselines": task.baselines(train, splits["test"], ft),
+        "baselines": task.baselines(train, splits["test"], ft, season_steps(cfg)),
         "samples": {**report["samples"], "train_labelled": n},
         "report": {**report, "encoders": used, "batch_per_rank": per_rank, "steps": total_steps},
         "timings": timings,
@@ -756,6 +795,31 @@ def check_config(cfg: Any) -> None:
                 f"no shard set for the {split} split at {folder} (no manifest.json); set "
                 f"loader.shards or finetune.{split}_shards, or make one with python -m pimc_dist.shard"
             )
+    lr = ("train.lr",) if ft.protocol != "linear" else ()  # a linear run trains its probe_lrs
+    check_run_folder(cfg, Path(cfg.train.run_dir), "fine-tuning", (*RUN_IDENTITY, *lr))
+
+
+def check_run_folder(cfg: Any, run_dir: Path, kind: str, keys: tuple[str, ...]) -> None:
+    """Refuse a run folder that holds another kind of run, or a run of this kind that differs
+    in `keys` (pretraining's rule); the same run may run there again and replace its outputs."""
+    for name, other in RUN_MARKERS:
+        if other != kind and (run_dir / name).exists():
+            raise config_lib.ConfigError(
+                f"invalid key 'train.run_dir': {run_dir} holds a {other} run ({name} is there); "
+                f"give this {kind} run its own folder with train.run_dir=... or name=..."
+            )
+    saved = run_dir / "config.yaml"
+    if not saved.is_file():
+        return
+    old = config_lib.from_yaml_text(saved.read_text(), str(saved))
+    for key in keys:
+        a, b = (OmegaConf.select(c, key) for c in (old, cfg))
+        if a != b:
+            raise config_lib.ConfigError(
+                f"invalid key 'train.run_dir': {run_dir} already holds a different run ({key}: "
+                f"{a} there, {b} now); choose another train.run_dir or name=, or delete the "
+                "folder to start over"
+            )
 
 
 def main(cfg: Any) -> int:
@@ -770,9 +834,6 @@ def main(cfg: Any) -> int:
     inputs = task.inputs(ft)
     check_shard_sets(cfg, task)
     env = distributed.detect_env()
-    if env.world_size == 1 and "MASTER_PORT" not in os.environ:
-        # One process: a free port, not the fixed default another run on this host may hold.
-        os.environ["MASTER_PORT"] = str(distributed.free_port())
     if env.world_size > 1 or ft.protocol != "linear":
         env = distributed.init_distributed(timeout_s=int(cfg.train.collective_timeout_s))
     rank, world = env.rank, env.world_size
@@ -801,10 +862,7 @@ def main(cfg: Any) -> int:
         exit_code = 0
     finally:
         tracker.finish(exit_code=exit_code)
-        # A one-process group stays: DeepSpeed caches its groups, so a second fine-tuning in
-        # this process (a notebook, a benchmark) needs the same one.
-        if world > 1:
-            distributed.cleanup()
+        distributed.cleanup()  # also DeepSpeed's cached groups: a second run here starts clean
     return 0
 
 
@@ -819,6 +877,7 @@ def write_result(
 ) -> Path:
     """result.json (+ confusion matrix PNG) in the run folder; prints where they are."""
     from pimc_dist import metrics as metrics_lib
+    from pimc_dist import viz
 
     ft = cfg.finetune
     run_dir = Path(cfg.train.run_dir)
@@ -853,10 +912,24 @@ def write_result(
             run_dir / "confusion_matrix.png",
             title=f"{task.name} {ft.protocol}/{ft.init} (test)",
         )
+    if result.get("history"):  # finetune / cnn1d: loss and validation score per epoch
+        val = f"val_{task.primary}"
+        rows = [
+            {"step": h["epoch"], "finetune/loss": h["loss"], f"val/{task.primary}": h[val]}
+            for h in result["history"]
+        ]
+        files["curves"] = viz.plot_curves(run_dir, run_dir / "curves.png", rows=rows)
     _atomic_write_json(files["result"], result)
+    # After the last epoch's step: W&B drops rows logged at an earlier step.
+    step = len(result.get("history", []))
     summary = {f"test/{k}": v for k, v in result["metrics"].items() if isinstance(v, (int, float))}
-    tracker.log(summary, step=0)
+    tracker.log(summary, step=step)
     tracker.summary(summary)
+    viz.log_pngs(
+        tracker,
+        {"confusion_matrix": files.get("confusion matrix"), "curves": files.get("curves")},
+        step=step,
+    )
     value = result["metrics"].get(task.primary)
     print(
         f"{task.name} {ft.protocol}/{ft.init}: test {task.primary} = {value:.4f}"

@@ -17,6 +17,11 @@ port (derived from the job id) are read inside each task by
 config.yaml (saved before submission), slurm/<job id>/ (submitit's scripts,
 pickles and one log per rank), checkpoints and wandb/.
 
+Before anything is submitted the launcher checks the config (schema, then the
+job's own `check_config`: shards present, a run folder that holds no other run),
+a W&B key when `tracking.mode=online`, and, for a local run, that the job fits
+this machine (one node, no more GPUs than it has); each error says what to do.
+
 Requeue on timeout or preemption: Slurm sends submitit's signal (USR2 by default)
 `launch.signal_delay_s` before the time limit. Every rank's stop handler
 (`distributed.install_stop_handlers`) only sets a flag; the training loop sees
@@ -62,6 +67,10 @@ DEFAULT_KIND = "pretrain"
 
 # launch.* keys that only mean something to Slurm.
 SLURM_ONLY_KEYS = ("partition", "account", "qos", "constraint", "exclude")
+# launch.* keys that have a command-line flag of their own.
+FLAG_KEYS = ("nodes", "gpus_per_node", "tasks_per_node", "cpus_per_task", "mem", "time", "cluster")
+# Job kinds that log to W&B.
+TRACKED_KINDS = ("pretrain", "finetune", "sweep")
 
 # Slurm states after which a job will not run again by itself. (PREEMPTED is left
 # out: a preempted job that Slurm requeues passes through it.)
@@ -138,6 +147,9 @@ class EntryJob:
         module = importlib.import_module(self.module)
         if not callable(getattr(module, "main", None)):
             raise RuntimeError(f"{self.module} has no main(cfg) function")
+        dropped = distributed.forget_inherited_ranks()
+        if dropped:
+            print(f"[launch] ignoring inherited {', '.join(dropped)}: submitit places this task")
         env = distributed.detect_env()
         restarts = os.environ.get("SLURM_RESTART_COUNT", "0")
         # Slurm's node name (several slurmd may share one host); the host name elsewhere.
@@ -364,25 +376,53 @@ def local_parameters(cfg: DictConfig, kind: str) -> dict[str, Any]:
     }
 
 
-def check_cluster_fits(cfg: DictConfig, cluster: str, explicit: set[str]) -> None:
-    """Refuse Slurm-only options and several nodes when running locally."""
+def given_on_command_line(args: argparse.Namespace, overrides: list[str]) -> dict[str, str]:
+    """launch.* keys set on the command line -> how they were given (the flag wins)."""
+    given = {}
+    for key in (*FLAG_KEYS, *SLURM_ONLY_KEYS):
+        if getattr(args, key) is not None:
+            given[key] = f"--{key.replace('_', '-')} {getattr(args, key)}"
+    for item in overrides:
+        name = item.split("=", 1)[0]
+        if name.startswith("launch."):
+            given.setdefault(name.removeprefix("launch."), item)
+    return given
+
+
+def _origin(cfg: DictConfig, key: str, given: dict[str, str], config_path: str | None) -> str:
+    """Where a launch value came from, as the user would write it."""
+    value = cfg.launch[key]
+    if key in given:
+        return f"{given[key]} (command line)"
+    return f"launch.{key}: {value} in {config_path}" if config_path else f"launch.{key}={value}"
+
+
+def check_cluster_fits(
+    cfg: DictConfig, cluster: str, given: dict[str, str], config_path: str | None = None
+) -> None:
+    """Refuse Slurm-only options, several nodes and absent GPUs when running locally.
+
+    `given`: the launch keys set on the command line (`given_on_command_line`), so that
+    an error names where a value came from: a flag, a key=value, or the config file.
+    """
     if cluster == "slurm":
         return
-    given = [k for k in SLURM_ONLY_KEYS if k in explicit and cfg.launch[k] is not None]
-    from_file = [k for k in SLURM_ONLY_KEYS if k not in explicit and cfg.launch[k] is not None]
+    why_local = f"--cluster {cfg.launch.cluster}" + (
+        ", no reachable Slurm here" if cfg.launch.cluster == "auto" else ""
+    )
+    explicit = [k for k in SLURM_ONLY_KEYS if k in given and cfg.launch[k] is not None]
+    from_file = [k for k in SLURM_ONLY_KEYS if k not in given and cfg.launch[k] is not None]
     if from_file:
         keys = ", ".join(f"launch.{k}" for k in from_file)
         print(f"launch: note: {keys} from the config do not apply to a local run", file=sys.stderr)
-    if given:
-        flags = ", ".join(f"--{k}" for k in given)
-        raise LaunchError(
-            f"{flags} only apply to Slurm, but the job runs locally "
-            f"(--cluster {cfg.launch.cluster}{', no reachable Slurm here' if cfg.launch.cluster == 'auto' else ''})"
-        )
+    if explicit:
+        flags = ", ".join(f"--{k}" for k in explicit)
+        raise LaunchError(f"{flags} only apply to Slurm, but the job runs locally ({why_local})")
     if cfg.launch.nodes > 1:
         raise LaunchError(
-            f"--nodes {cfg.launch.nodes}: a local run uses one node; "
-            "use --tasks-per-node for more ranks, or run where Slurm is available"
+            f"{_origin(cfg, 'nodes', given, config_path)}: a local run uses one node "
+            f"({why_local}); use --nodes 1 --tasks-per-node N for N ranks here, or run where "
+            "Slurm is"
         )
     if cfg.launch.gpus_per_node:
         import torch
@@ -390,8 +430,32 @@ def check_cluster_fits(cfg: DictConfig, cluster: str, explicit: set[str]) -> Non
         have = torch.cuda.device_count()
         if cfg.launch.gpus_per_node > have:
             raise LaunchError(
-                f"--gpus-per-node {cfg.launch.gpus_per_node}: this machine has {have} GPU(s)"
+                f"{_origin(cfg, 'gpus_per_node', given, config_path)}: this machine has {have} "
+                f"GPU(s) and the job runs here ({why_local}). Run on CPU ranks with "
+                f"--gpus-per-node 0 --tasks-per-node {cfg.launch.tasks_per_node} (in a YAML: "
+                "launch.gpus_per_node: 0), or submit with --cluster slurm where there are GPUs"
             )
+
+
+def check_tracking(cfg: DictConfig) -> None:
+    """W&B as configured can start: online needs a key. Checked before submission, since
+    the job itself would only find out once it has its nodes."""
+    from pimc_dist import tracking
+
+    if not cfg.tracking.wandb or cfg.tracking.mode == "disabled":
+        return
+    if tracking.wandb is None:
+        raise config.ConfigError(
+            "invalid key 'tracking.wandb': true, but wandb is not installed: pip install wandb, "
+            "or set tracking.wandb=false"
+        )
+    has_key = os.environ.get("WANDB_API_KEY") or tracking._netrc_has_wandb()
+    if cfg.tracking.mode == "online" and not has_key:
+        raise config.ConfigError(
+            "invalid key 'tracking.mode': online needs a W&B key and none is set here: run "
+            "`wandb login` (or export WANDB_API_KEY=...), or use tracking.mode=offline and "
+            "`wandb sync <run folder>/wandb/offline-run-*` later"
+        )
 
 
 def job_folder(cfg: DictConfig) -> Path:
@@ -454,10 +518,6 @@ class Submitted:
 
     def log_path(self, rank: int = 0) -> Path:
         return self.folder / f"{self.job_id}_{rank}_log.out"
-
-    @property
-    def wandb_dir(self) -> Path:
-        return self.run_dir / "wandb"
 
 
 def save_config(cfg: DictConfig, run_dir: Path) -> Path:
@@ -686,14 +746,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_intermixed_args(argv)
     try:
         kind, overrides = split_words(args.words)
-        # Explicit Slurm options from the command line (flags or key=value).
-        explicit = {k for k in SLURM_ONLY_KEYS if getattr(args, k) is not None}
-        explicit |= {k for k in SLURM_ONLY_KEYS for o in overrides if o.startswith(f"launch.{k}=")}
         cfg = load_job_config(args.config, [*overrides, *flag_overrides(args)])
+        if kind in TRACKED_KINDS:
+            check_tracking(cfg)
         precheck(kind, cfg)
         # An explicit --cluster slurm renders its script in a dry run even where Slurm is absent.
         cluster = resolve_cluster(cfg.launch.cluster)
-        check_cluster_fits(cfg, cluster, explicit)
+        check_cluster_fits(cfg, cluster, given_on_command_line(args, overrides), args.config)
         submit_jobs = getattr(importlib.import_module(check_kind(kind)), "submit_jobs", None)
         if callable(submit_jobs):
             # A kind that submits its own jobs (a sweep: one job array) runs here, not as a job.
@@ -707,14 +766,18 @@ def main(argv: list[str] | None = None) -> int:
     except LaunchError as exc:
         print(f"launch: {exc}", file=sys.stderr)
         return 2
-    _print_submitted(sub)
+    tracked = kind in TRACKED_KINDS
+    _print_submitted(sub, cfg, tracked)
     if not args.wait:
         return 0
     try:
-        return wait_for(sub)
+        code = wait_for(sub)
     except KeyboardInterrupt:
         print(f"\n[launch] stopped following; job {sub.job_id} keeps running", file=sys.stderr)
         return 130
+    if tracked:
+        print(f"  W&B:        {describe_wandb(cfg, sub.run_dir)}")
+    return code
 
 
 def _dry_run(cfg: DictConfig, kind: str, cluster: str) -> int:
@@ -723,22 +786,56 @@ def _dry_run(cfg: DictConfig, kind: str, cluster: str) -> int:
     if cluster == "slurm":
         print("# sbatch script submitit would submit (%j = job id)")
         print(render_sbatch(cfg, kind))
-    else:
-        params = local_parameters(cfg, kind)
+        return 0
+    if cfg.launch.cluster == "auto":
         print(
-            f"# local run: submitit LocalExecutor, {params['tasks_per_node']} task(s), "
-            f"time limit {params['timeout_min']} min, job folder {job_folder(cfg)}"
+            "# --cluster auto: no reachable Slurm here (sbatch/sinfo missing or failing), so this "
+            "job would run on this machine, not on Slurm; --cluster slurm --dry-run prints the "
+            "sbatch script it would get on a cluster"
         )
+    params = local_parameters(cfg, kind)
+    print(
+        f"# local run: submitit LocalExecutor, {params['tasks_per_node']} task(s) on this "
+        f"machine, time limit {params['timeout_min']} min, job folder {job_folder(cfg)}"
+    )
     return 0
 
 
-def _print_submitted(sub: Submitted) -> None:
+def wandb_runs(run_dir: Path) -> list[Path]:
+    """The W&B run folders under <run_dir>/wandb (offline-run-<time>-<id>, run-<time>-<id>), oldest first."""
+    folder = run_dir / "wandb"
+    runs = [*folder.glob("offline-run-*"), *folder.glob("run-*")]
+    return sorted((p for p in runs if p.is_dir()), key=lambda p: p.name.split("run-", 1)[1])
+
+
+def describe_wandb(cfg: DictConfig, run_dir: Path) -> str:
+    """The run's W&B run as far as it is known: its id and path, or where it will be."""
+    if not cfg.tracking.wandb or cfg.tracking.mode == "disabled":
+        return (
+            "off (tracking.wandb=false or tracking.mode=disabled); metrics.jsonl in the run folder"
+        )
+    runs = wandb_runs(run_dir)
+    if not runs:
+        return (
+            f"{run_dir / 'wandb'} ({cfg.tracking.mode}; the run id is chosen when the job "
+            "starts, and a requeued job continues the same run)"
+        )
+    latest = runs[-1]
+    run_id = latest.name.rsplit("-", 1)[1]
+    if latest.name.startswith("offline-"):
+        return f"offline run {run_id} (the latest there): {latest} (upload: wandb sync {latest})"
+    entity = cfg.tracking.entity or "<your default entity>"
+    return f"run {entity}/{cfg.tracking.project}/{run_id} (files: {latest})"
+
+
+def _print_submitted(sub: Submitted, cfg: DictConfig, tracked: bool) -> None:
     where = "Slurm" if sub.cluster == "slurm" else "this machine (submitit LocalExecutor)"
     print(f"[launch] submitted {sub.kind} job {sub.job_id} to {where}: {sub.num_tasks} task(s)")
     print(f"  run folder: {sub.run_dir}")
     print(f"  config:     {sub.config_path}")
     print(f"  logs:       {sub.log_path(0)} (rank 0; rank r: {sub.job_id}_<r>_log.out)")
-    print(f"  W&B:        {sub.wandb_dir} (offline runs: wandb sync {sub.wandb_dir}/offline-run-*)")
+    if tracked:
+        print(f"  W&B:        {describe_wandb(cfg, sub.run_dir)}")
     if sub.cluster == "slurm":
         print(f"  watch:      squeue -j {sub.job_id}; tail -f {sub.log_path(0)}")
         print(f"  cancel:     scancel {sub.job_id}")

@@ -4,18 +4,22 @@
 
 Rank, local rank and world size come from torchrun, Slurm or submitit variables
 (`pimc_dist.distributed`); with none set it is a single process. The loop
-counts samples seen (identical on every rank), checkpoints every
-`train.ckpt_every_steps` and at the end, and resumes from the run folder's
-latest checkpoint by default. On SIGTERM/SIGUSR1 it saves a checkpoint and exits
-with `distributed.REQUEUE_EXIT_CODE` so the launcher requeues it.
+counts samples seen (identical on every rank); a step is one optimizer step of
+`train.grad_accum` micro-batches, and logs, checkpoints (every
+`train.ckpt_every_steps` and at the end) and stops happen only between steps.
+It resumes from the run folder's latest checkpoint by default. On
+SIGTERM/SIGUSR1 it saves a checkpoint and exits with
+`distributed.REQUEUE_EXIT_CODE` so the launcher requeues it.
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import re
 import sys
 import time
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +30,8 @@ from omegaconf import OmegaConf
 from pimc_dist import config as config_lib
 from pimc_dist import distributed
 from pimc_dist.engine import (
+    UNIVERSAL_SUFFIX,
+    CheckpointError,
     Engine,
     convert_to_universal,
     latest_tag,
@@ -33,6 +39,7 @@ from pimc_dist.engine import (
     rng_state,
     set_rng_state,
 )
+from pimc_dist.models.summary import human_count, model_summary
 from pimc_dist.tracking import Tracker
 
 # Peak dense bf16 FLOP/s per device, for MFU. Unknown devices report no MFU.
@@ -141,6 +148,7 @@ def check_config(cfg: Any) -> None:
         raise config_lib.ConfigError(
             f"model.views: method {cfg.method} needs views {sorted(missing)}"
         )
+    _check_model(cfg)
     absent = needed - set(cfg.loader.views)
     if absent and not (absent == {"rp"} and cfg.loader.rp_on_the_fly != "off"):
         raise config_lib.ConfigError(
@@ -153,6 +161,21 @@ def check_config(cfg: Any) -> None:
             f"`python -m pimc_dist.shard --config <your data or pretrain YAML>` (data.shard_dir={cfg.data.shard_dir})"
         )
     _check_run_folder(cfg, Path(cfg.train.run_dir))  # before the launcher rewrites config.yaml
+
+
+def _check_model(cfg: Any) -> None:
+    """Build the model on the meta device (no memory, no time), so that a bad encoder name,
+    option or shape fails here, naming the view's key, rather than on every rank of a job."""
+    try:
+        with torch.device("meta"):
+            build_model(cfg)
+    except config_lib.ConfigError:
+        raise
+    except ValueError as exc:
+        # The registry names the view: "view 'rp': unknown encoder 'resnet19'; ...".
+        match = re.fullmatch(r"view '([^']+)': (.*)", str(exc), flags=re.S)
+        key, message = (f"model.views.{match[1]}", match[2]) if match else ("model", str(exc))
+        raise config_lib.ConfigError(f"{key}: {message}") from None
 
 
 def _check_run_folder(cfg: Any, run_dir: Path) -> None:
@@ -202,17 +225,16 @@ def _gather_objects(obj: Any) -> list[Any]:
     return out
 
 
-def _flops_per_sample(cfg: Any) -> float:
-    """Analytic training FLOPs per sample (3x forward), 0 when unknown."""
+def flops_per_sample(cfg: Any) -> float:
+    """Analytic training FLOPs per sample: 3x the forward of every view's tower (encoder and
+    head, at the configured widths, stems and patch sizes), twice for MoSAiC's two
+    augmentations. The model is built on the meta device for it."""
     from pimc_dist.models import count_flops
 
-    total = 0.0
-    for view in cfg.model.views.values():
-        total += count_flops(
-            view.encoder, in_chans=view.in_chans, img_size=view.img_size, patch_size=view.patch_size
-        )
-    factor = 2 if cfg.method == "mosaic" else 1  # two augmentations per modality
-    return 3.0 * factor * total
+    with torch.device("meta"):
+        model = build_model(cfg)
+    augmentations = 2 if cfg.method == "mosaic" else 1
+    return 3.0 * augmentations * count_flops(model)
 
 
 def _peak_flops(device: torch.device) -> float | None:
@@ -232,10 +254,13 @@ def main(cfg: Any) -> int:
     ckpt_dir = run_dir / "checkpoints"
 
     # Resume state is read before DeepSpeed starts: a different world size needs
-    # the universal checkpoint format, which is a DeepSpeed config switch.
+    # the universal checkpoint format, which is a DeepSpeed config switch. A ZeRO-0
+    # checkpoint holds the whole model and optimizer in rank 0's file: it loads as it is.
     tag = latest_tag(ckpt_dir)
     state = read_client_state(ckpt_dir, tag) if tag else None
-    load_universal = bool(state and state["world_size"] != world)
+    load_universal = bool(
+        state and state["world_size"] != world and any((ckpt_dir / tag).glob("*optim_states.pt"))
+    )
     if rank == 0:
         _check_run_folder(cfg, run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -244,9 +269,9 @@ def main(cfg: Any) -> int:
             print(
                 f"resuming {tag} saved with {state['world_size']} ranks on {world}: converting to universal"
             )
-            tag = convert_to_universal(ckpt_dir, tag)
+            convert_to_universal(ckpt_dir, tag)
     if load_universal:
-        tag = f"{tag}_universal" if not tag.endswith("_universal") else tag
+        tag = f"{tag}{UNIVERSAL_SUFFIX}"
     distributed.barrier()
 
     torch.manual_seed(int(cfg.train.seed) + rank)
@@ -257,24 +282,30 @@ def main(cfg: Any) -> int:
     from pimc_dist import data
 
     model = build_model(cfg)
+    if rank == 0:
+        print(model_summary(model))
+        print(f"training FLOPs per sample (3x forward): {human_count(flops_per_sample(cfg))}")
     loss_fn = build_loss(cfg)
-    global_batch = int(cfg.train.batch_size) * world
-    total_steps = math.ceil(int(cfg.train.total_samples) / global_batch)
-    optimizer_steps = math.ceil(total_steps / int(cfg.train.grad_accum))
+    accum = int(cfg.train.grad_accum)
+    total = int(cfg.train.total_samples)
+    # "step" is an optimizer step of `accum` micro-batches on every rank: what metrics,
+    # checkpoints, stops and the schedule count.
+    micro_batch = int(cfg.train.batch_size) * world  # global samples per micro-batch
     engine = Engine(
         cfg,
         model,
         world_size=world,
         rank=rank,
-        total_steps=optimizer_steps,
+        total_steps=math.ceil(total / (micro_batch * accum)),
         load_universal=load_universal,
     )
     device, dtype = engine.device, engine.compute_dtype
 
-    step, samples_seen, data_epoch, run_id = 0, 0, 0, None
+    step, samples_seen, data_epoch, skipped, run_id = 0, 0, 0, 0, None
     if tag:
         engine.load(tag)
         step, samples_seen, data_epoch = state["step"], state["samples_seen"], state["data_epoch"]
+        skipped = state.get("nonfinite_skipped", 0)
         run_id = state.get("wandb_id")
         set_rng_state(state["rng"][str(rank)] if str(rank) in state["rng"] else state["rng"]["0"])
         if rank == 0:
@@ -284,10 +315,10 @@ def main(cfg: Any) -> int:
     tracker = Tracker(
         cfg, rank=rank, run_dir=run_dir, run_id=run_id, config=OmegaConf.to_container(cfg)
     )
-    flops_per_sample = _flops_per_sample(cfg)
+    train_flops = flops_per_sample(cfg)
     peak = _peak_flops(device)
 
-    saved_step = step
+    saved_step = step if tag else None  # the step of the latest checkpoint
 
     def save() -> None:
         nonlocal data_epoch, saved_step
@@ -300,6 +331,7 @@ def main(cfg: Any) -> int:
                 "step": step,
                 "samples_seen": samples_seen,
                 "data_epoch": data_epoch,
+                "nonfinite_skipped": skipped,
                 "rng": {str(r): s for r, s in enumerate(rngs)},
                 "wandb_id": tracker.run_id,
                 "config": config_lib.to_yaml(cfg),
@@ -309,15 +341,18 @@ def main(cfg: Any) -> int:
     if step == 0 and rank == 0:
         tracker.log_images(loader.sample_images(int(cfg.tracking.log_images)), step=0)
 
-    progress = _Progress(rank, total=int(cfg.train.total_samples), start=samples_seen)
-    nonfinite_in_row = skipped = 0
+    progress = _Progress(rank, total=total, start=samples_seen)
+    nonfinite_in_row = 0
+    micro = 0  # micro-batches accumulated towards the next optimizer step
+    step_sums: dict[str, torch.Tensor] = {}  # loss terms summed over those micro-batches
     phase = "start"
     exit_code = 0
     loader.set_epoch(data_epoch)
     batches = iter(loader)
-    window_start, window_samples, window_wait = time.perf_counter(), 0, 0.0
+    window_start, window_steps, window_wait = time.perf_counter(), 0, 0.0
     try:
-        while samples_seen < int(cfg.train.total_samples):
+        # Finish a started accumulation even past the total: its gradients are paid for.
+        while samples_seen < total or micro:
             phase = "waiting for data"
             t0 = time.perf_counter()
             try:
@@ -328,10 +363,29 @@ def main(cfg: Any) -> int:
                 continue
             batch = _cast_floats(loader.to_device(batch, device), dtype)
             t1 = time.perf_counter()
+            window_wait += t1 - t0
             phase = "forward and loss (feature all-gather)"
             engine.module.train()
             loss, terms = compute_loss(engine.module, loss_fn, batch, cfg.method)
-            if not _all_finite(loss):
+            stepped = False
+            if _all_finite(loss):  # the same answer on every rank
+                nonfinite_in_row = 0
+                phase = "backward (gradient all-reduce)"
+                engine.module.backward(loss)
+                phase = "optimizer step"
+                engine.module.step()  # DeepSpeed steps the optimizer every `accum` calls
+                micro += 1
+                samples_seen += micro_batch
+                for name, value in {"loss": loss.detach(), **terms}.items():
+                    step_sums[name] = step_sums.get(name, 0.0) + value
+                if micro == accum:
+                    micro, stepped = 0, True
+                    step += 1
+                    window_steps += 1
+                    step_losses = {k: float(v) / accum for k, v in step_sums.items()}
+                    step_sums = {}
+                    progress.update(samples_seen, step_losses["loss"])
+            else:
                 nonfinite_in_row += 1
                 skipped += 1
                 if nonfinite_in_row >= int(cfg.train.max_nonfinite_in_row):
@@ -339,38 +393,33 @@ def main(cfg: Any) -> int:
                         f"loss was not finite for {nonfinite_in_row} steps in a row (step {step}); "
                         "lower train.lr, enable train.grad_clip, or check the data"
                     )
-                continue
-            nonfinite_in_row = 0
-            phase = "backward (gradient all-reduce)"
-            engine.module.backward(loss)
-            phase = "optimizer step"
-            engine.module.step()
-            step += 1
-            samples_seen += global_batch
-            window_samples += global_batch
-            window_wait += t1 - t0
-            progress.update(samples_seen, float(loss.detach()))
+                if rank == 0:
+                    print(
+                        f"warning: non-finite loss after step {step}: batch skipped "
+                        f"({nonfinite_in_row} in a row, {skipped} in all)",
+                        flush=True,
+                    )
 
-            if step % int(cfg.train.log_every_steps) == 0 or samples_seen >= int(
-                cfg.train.total_samples
-            ):
+            if stepped and (step % int(cfg.train.log_every_steps) == 0 or samples_seen >= total):
                 elapsed = time.perf_counter() - window_start
-                rate = window_samples / max(elapsed, 1e-9)
+                rate = window_steps * micro_batch * accum / max(elapsed, 1e-9)
                 losses = _mean_over_ranks(
-                    {"loss": float(loss), **{f"loss/{k}": float(v) for k, v in terms.items()}}
+                    {
+                        "loss": step_losses.pop("loss"),
+                        **{f"loss/{k}": v for k, v in step_losses.items()},
+                    }
                 )
+                scale = engine.module.module.logit_scale.detach().exp()
                 metrics = {
                     **losses,
-                    "temperature": 1.0
-                    / float(
-                        engine.module.module.logit_scale.exp().clamp(max=cfg.loss.max_logit_scale)
-                    ),
+                    # A tensor division: a diverged scale gives inf, not ZeroDivisionError.
+                    "temperature": float(1.0 / scale.clamp(max=cfg.loss.max_logit_scale)),
                     "lr": engine.lr(),
                     "grad_norm": engine.grad_norm(),
                     "samples_seen": samples_seen,
                     "samples_per_s": rate,
                     "samples_per_s_per_device": rate / world,
-                    "step_time_s": elapsed / max(1, window_samples // global_batch),
+                    "step_time_s": elapsed / max(1, window_steps),
                     "data_wait_frac": window_wait / max(elapsed, 1e-9),
                     "nonfinite_skipped": skipped,
                     **loader.counters(),
@@ -378,17 +427,24 @@ def main(cfg: Any) -> int:
                 if device.type == "cuda":
                     metrics["peak_mem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
                     if peak:
-                        metrics["mfu"] = rate * flops_per_sample / (peak * world)
+                        metrics["mfu"] = rate * train_flops / (peak * world)
                 tracker.log(metrics, step=step)
-                window_start, window_samples, window_wait = time.perf_counter(), 0, 0.0
+                window_start, window_steps, window_wait = time.perf_counter(), 0, 0.0
 
+            if micro:
+                continue  # mid-accumulation: saving now would lose the accumulated gradients
+            # Polled after every optimizer step and every skipped batch, so that a run
+            # stuck on non-finite losses still obeys a stop request.
             phase = "checkpoint save"
             if distributed.any_rank_stop_requested():
-                save()
+                if saved_step != step:
+                    save()
                 if rank == 0:
                     print(f"stop requested: saved checkpoint at step {step}; exiting for requeue")
                 exit_code = distributed.REQUEUE_EXIT_CODE
                 break
+            if not stepped:
+                continue
             if cfg.train.stop_after_steps is not None and step >= int(cfg.train.stop_after_steps):
                 save()
                 if rank == 0:
@@ -498,8 +554,14 @@ def cli(argv: list[str] | None = None) -> int:
         return 2
     try:
         return main(cfg)
-    except (TrainingError, config_lib.ConfigError) as exc:
+    except (TrainingError, CheckpointError, config_lib.ConfigError) as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except Exception:
+        # A bug. Returning (not raising) frees main's frame and with it the loader, whose
+        # workers ignore SIGTERM: an exception reaching interpreter exit would leave
+        # multiprocessing's exit handler waiting for them forever.
+        traceback.print_exc()
         return 1
 
 

@@ -23,6 +23,7 @@ import json
 import logging
 import math
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -108,6 +109,24 @@ def load_split_features(folder: Path, split: str) -> tuple[np.ndarray, SplitData
     return features, data
 
 
+def progress_bar(total: int, label: str | None, unit: str = "it") -> Any:
+    """A tqdm bar with count, rate and ETA on stderr; `label` None makes it silent (other ranks).
+
+    It refreshes every 0.5 s on a terminal and every 30 s otherwise: Slurm logs are files.
+    """
+    from tqdm import tqdm
+
+    return tqdm(
+        total=total,
+        desc=label,
+        unit=unit,
+        mininterval=0.5 if sys.stderr.isatty() else 30.0,
+        file=sys.stderr,
+        disable=label is None,
+        dynamic_ncols=True,
+    )
+
+
 # ---------------------------------------------------------------------------
 # Heads
 # ---------------------------------------------------------------------------
@@ -181,11 +200,13 @@ def train_linear_heads(
     batch_size: int,
     weight_decay: float = 0.0,
     seed: int = 0,
+    progress: str | None = None,
 ) -> ProbeResult:
     """Train one linear head per lr in the same passes over `train`; pick by `val`, score `test`.
 
     SGD with momentum 0.9 and a cosine decay, written out so that each head keeps
     its own learning rate while all heads share one batched forward and backward.
+    `progress`: a label for a progress bar over the steps (None: no bar).
     """
     if not lrs:
         raise ValueError("finetune.probe_lrs is empty")
@@ -205,6 +226,7 @@ def train_linear_heads(
             batch_size,
             weight_decay,
             seed,
+            progress,
         )
     finally:
         torch.set_num_threads(threads)
@@ -222,6 +244,7 @@ def _train_heads(
     batch_size: int,
     weight_decay: float,
     seed: int,
+    progress: str | None,
 ) -> ProbeResult:
     (x_train, d_train), (x_val, d_val), (x_test, d_test) = train, val, test
     if len(d_train) == 0:
@@ -238,27 +261,30 @@ def _train_heads(
     total = max(1, math.ceil(n / bs) * int(epochs))
     curve = []
     step = 0
-    for _ in range(int(epochs)):
-        order = torch.randperm(n, generator=gen)
-        epoch_loss, batches = 0.0, 0
-        for i in range(0, n, bs):
-            idx = order[i : i + bs]
-            losses = _per_head_loss(task, heads(xt[idx]), yt[idx])
-            alive &= torch.isfinite(losses).detach()  # a diverged head stops training
-            if not alive.any():
-                break
-            heads.zero_grad(set_to_none=True)
-            losses[alive].sum().backward()
-            lr = base_lr * 0.5 * (1.0 + math.cos(math.pi * step / total)) * alive
-            with torch.no_grad():
-                for name, p in heads.named_parameters():
-                    grad = torch.nan_to_num(p.grad) + weight_decay * p
-                    momentum[name].mul_(0.9).add_(grad)
-                    p.sub_(lr.view(-1, 1, 1) * momentum[name])
-            epoch_loss += float(losses.detach()[alive].mean())
-            batches += 1
-            step += 1
-        curve.append(epoch_loss / max(1, batches))
+    with progress_bar(total, progress, unit="step") as bar:
+        for _ in range(int(epochs)):
+            order = torch.randperm(n, generator=gen)
+            epoch_loss, batches = 0.0, 0
+            for i in range(0, n, bs):
+                idx = order[i : i + bs]
+                losses = _per_head_loss(task, heads(xt[idx]), yt[idx])
+                alive &= torch.isfinite(losses).detach()  # a diverged head stops training
+                if not alive.any():
+                    break
+                heads.zero_grad(set_to_none=True)
+                losses[alive].sum().backward()
+                lr = base_lr * 0.5 * (1.0 + math.cos(math.pi * step / total)) * alive
+                with torch.no_grad():
+                    for name, p in heads.named_parameters():
+                        grad = torch.nan_to_num(p.grad) + weight_decay * p
+                        momentum[name].mul_(0.9).add_(grad)
+                        p.sub_(lr.view(-1, 1, 1) * momentum[name])
+                epoch_loss += float(losses.detach()[alive].mean())
+                batches += 1
+                step += 1
+                bar.update(1)
+            curve.append(epoch_loss / max(1, batches))
+            bar.set_postfix(loss=f"{curve[-1]:.4f}", refresh=False)
 
     per_lr = []
     best = None
@@ -290,6 +316,7 @@ __all__ = [
     "cache_key",
     "file_identity",
     "load_split_features",
+    "progress_bar",
     "save_split_features",
     "standardize",
     "train_linear_heads",

@@ -8,15 +8,20 @@ On one machine, no Slurm, no GPU:
    ranks through the launcher's local executor, the same path Slurm jobs take;
 3. evaluates the pretrained encoder and a random-init one on pixel
    classification (linear probe) and forecasting (linear probe, with the
-   persistence / seasonal baselines);
+   persistence, seasonal-naive (where the window holds a year) and climatology
+   baselines);
 4. prints a results table and writes `runs/quickstart/results.json`.
 
 Every step resumes: a second run reuses the shards and the finished pretraining.
+Each stage prints the time elapsed and an ETA for the rest; the sharding,
+pretraining, feature extraction and probe training show progress bars of their own.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -31,13 +36,55 @@ INITS = ("pretrained", "random")
 TRAIN_ONLY = ["data.name=demo_train", "data.folds=[1,2,3]"]  # the train folds of rotation 0
 
 
-def _step(title: str) -> float:
-    print(f"\n=== {title} ===", flush=True)
-    return time.perf_counter()
+def _clock(seconds: float) -> str:
+    minutes, secs = divmod(int(round(seconds)), 60)
+    return f"{minutes}:{secs:02d}"
 
 
-def _done(t0: float) -> None:
-    print(f"    ({time.perf_counter() - t0:.0f} s)", flush=True)
+class Stages:
+    """Stage lines with the time elapsed and an ETA for the rest of the quickstart.
+
+    The ETA starts from typical stage times on 2 cores (`estimates`) and is scaled by
+    how fast this machine went through the stages so far, except the first: writing
+    the dataset (or finding it cached) says little about the pace of training.
+    """
+
+    def __init__(self, estimates: list[float]):
+        self.estimates = estimates
+        self.taken: list[float] = []
+        self.t0 = time.perf_counter()
+        self.stage_t0 = self.t0
+
+    def eta(self) -> float:
+        done = len(self.taken)
+        expected = sum(self.estimates[1:done])
+        pace = sum(self.taken[1:done]) / expected if expected else 1.0
+        return pace * sum(self.estimates[done:])
+
+    def start(self, title: str) -> None:
+        n = len(self.taken) + 1
+        elapsed = time.perf_counter() - self.t0
+        print(
+            f"\n=== {n}/{len(self.estimates)} {title} "
+            f"(elapsed {_clock(elapsed)}, ETA ~{_clock(self.eta())}) ===",
+            flush=True,
+        )
+        self.stage_t0 = time.perf_counter()
+
+    def done(self) -> None:
+        self.taken.append(time.perf_counter() - self.stage_t0)
+        elapsed = time.perf_counter() - self.t0
+        rest = (
+            f", ETA ~{_clock(self.eta())} for the rest"
+            if len(self.taken) < len(self.estimates)
+            else ""
+        )
+        print(f"    (stage {_clock(self.taken[-1])}; elapsed {_clock(elapsed)}{rest})", flush=True)
+
+
+def _estimates(cached_shards: bool) -> list[float]:
+    """Typical seconds per stage on 2 busy cores: shards, pretraining, pixel cls, forecasting."""
+    return [3.0 if cached_shards else 20.0, 50.0, 35.0, 20.0]
 
 
 def run(run_root: Path = RUN_ROOT) -> dict[str, Any]:
@@ -46,16 +93,20 @@ def run(run_root: Path = RUN_ROOT) -> dict[str, Any]:
 
     configs = REPO / "configs"
     pretrain_dir = (run_root / "pretrain").resolve()
+    data = [config_lib.load(configs / "data/demo.yaml", o) for o in ([], TRAIN_ONLY)]
+    cached = all((Path(d.data.shard_dir) / "manifest.json").is_file() for d in data)
+    stages = Stages(_estimates(cached))
 
     # Pretraining sees only the training folds, so no test pixel (nor its forecast
     # horizon) reaches the encoder; evaluation reads every fold and splits by fold.
-    t0 = _step("1/4 built-in dataset -> shards/demo (all folds), shards/demo_train (folds 1-3)")
-    for overrides in ([], TRAIN_ONLY):
-        if shard.main(config_lib.load(configs / "data/demo.yaml", overrides)) != 0:
+    stages.start("built-in dataset -> shards/demo (all folds), shards/demo_train (folds 1-3)")
+    for cfg in data:
+        drop_stale_cache(Path(cfg.data.shard_dir))
+        if shard.main(cfg) != 0:
             raise RuntimeError("sharding the built-in dataset failed (see above)")
-    _done(t0)
+    stages.done()
 
-    t0 = _step("2/4 PIMC pretraining: DeepSpeed, 2 local CPU ranks")
+    stages.start("PIMC pretraining: DeepSpeed, 2 local CPU ranks")
     code = launch.main(
         [
             "pretrain",
@@ -76,11 +127,11 @@ def run(run_root: Path = RUN_ROOT) -> dict[str, Any]:
         raise RuntimeError(
             f"pretraining failed with exit code {code}; its logs are under {pretrain_dir}/slurm"
         )
-    _done(t0)
+    stages.done()
 
     results: dict[str, Any] = {"pretrain_run": str(pretrain_dir), "tasks": {}}
-    for i, task in enumerate(TASKS):
-        t0 = _step(f"{3 + i}/4 {task}: linear probe, pretrained vs random-init encoder")
+    for task in TASKS:
+        stages.start(f"{task}: linear probe, pretrained vs random-init encoder")
         per_init: dict[str, Any] = {}
         for init in INITS:
             run_dir = (run_root / f"{task}_{init}").resolve()
@@ -102,8 +153,32 @@ def run(run_root: Path = RUN_ROOT) -> dict[str, Any]:
             **{init: _metrics(per_init[init]) for init in INITS},
             "baselines": first.get("baselines", {}),
         }
-        _done(t0)
+        stages.done()
     return results
+
+
+def drop_stale_cache(shard_dir: Path) -> bool:
+    """Remove a cached built-in shard set written by an older format; True if removed.
+
+    The built-in set is ours to rebuild, so an upgrade does not leave the newcomer with
+    a "shard it again" error; user shard sets are never touched this way.
+    """
+    from pimc_dist import shard, shardio
+
+    current = {shard.PLAN_NAME: shard.PLAN_SCHEMA, shardio.MANIFEST_NAME: shardio.SCHEMA_VERSION}
+    for name, version in current.items():
+        path = shard_dir / name
+        try:
+            found = json.loads(path.read_text()).get("schema_version")
+        except FileNotFoundError:
+            continue
+        except (OSError, ValueError, AttributeError):
+            found = None
+        if found != version:
+            print(f"{shard_dir}: cached shards of an older format ({name}); rebuilding them")
+            shutil.rmtree(shard_dir)
+            return True
+    return False
 
 
 def _metrics(result: dict[str, Any]) -> dict[str, float]:
@@ -124,26 +199,40 @@ def table(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m pimc_dist.quickstart",
+        description=(
+            "The built-in quickstart, on one machine with no Slurm and no GPU: shard a small\n"
+            "PASTIS-layout dataset, pretrain PIMC with DeepSpeed on 2 local CPU ranks, evaluate\n"
+            "the pretrained and a random-init encoder, print a results table and write\n"
+            f"{RUN_ROOT / 'results.json'}. Every step resumes. It takes no arguments."
+        ),
+        epilog=(
+            "example:\n  python -m pimc_dist.launch        # the same, as the launcher's default\n"
+            "  python -m pimc_dist.quickstart"
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    return parser.parse_args(argv)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the quickstart; prints the table and where everything went."""
-    if argv:
-        print(
-            "usage: python -m pimc_dist.launch   (no arguments: the built-in quickstart)",
-            file=sys.stderr,
-        )
-        return 2
+    parse_args(argv)
     start = time.perf_counter()
     try:
         results = run()
     except (RuntimeError, OSError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    results["elapsed_s"] = round(time.perf_counter() - start, 1)
     RUN_ROOT.mkdir(parents=True, exist_ok=True)
     out = RUN_ROOT / "results.json"
     out.write_text(json.dumps(results, indent=1))
     pretrain = Path(results["pretrain_run"])
     print("\n" + table(results))
-    print(f"\nquickstart done in {time.perf_counter() - start:.0f} s")
+    print(f"\nquickstart done in {results['elapsed_s']:.0f} s")
     print(f"  results      {out.resolve()}")
     print(
         f"  checkpoints  {pretrain / 'checkpoints'}  (encoders: {pretrain / 'encoders.safetensors'})"

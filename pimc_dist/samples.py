@@ -5,8 +5,14 @@
   `series.npy` (3 x T float16 index series on the regular grid),
   `rsi.npy` (C x P x P crop of the patch centred on the pixel) and `json`
   (dataset, patch, row, col, grid dates, fold, split, label, parcel, ...).
-- MoSAiC (`MultimodalPatch`): one sample per patch: `s2.npy`, `s1.npy` (float16)
-  and `json` with the multi-hot labels and their names.
+  Records with a SAR series (PASTIS-R read `with_s1`) add `s1.npy`: the same
+  crop of the per-orbit median over all its dates (float32, S1A then S1D
+  channels, named in `json.s1_bands`).
+- MoSAiC (`MultimodalPatch`): one sample per patch: `s2.npy` (the reader's
+  digital numbers: uint16, or float32 after bilinear resampling), `s1.npy`
+  (float32 dB) and `json` with the multi-hot labels, their names and
+  `s2_dn_scale` (reflectance = DN / s2_dn_scale). The loader normalises them
+  with the manifest statistics.
 - Scene (`ScenePatch`, e.g. EuroSAT): `image.npy` and `json` with the class.
 
 Conventions (tests pin each one down):
@@ -25,8 +31,8 @@ Conventions (tests pin each one down):
   counts from the end).
 - Stored dtypes never depend on a sample's values, so every sample of a set
   has the same dtypes: integer images of at most 16 bits keep their dtype,
-  other images become float32; MoSAiC arrays are float16 (a value beyond the
-  float16 range is an error, not an infinity).
+  other images become float32 (`storage_dtype`). The readers give uint8/uint16
+  or float32 images, stored as given: what a reader read comes back exactly.
 - Recurrence plots are computed from the float16 series as stored, so plots
   built on the fly from `series.npy` by the loader equal `rp.png`.
 """
@@ -44,7 +50,6 @@ import numpy as np
 from pimc_dist import indices, recurrence, sampling
 from pimc_dist.sources.base import MultimodalPatch, ScenePatch, TimeSeriesPatch
 
-FLOAT16_MAX = float(np.finfo(np.float16).max)
 MAX_KEY_LENGTH = 80  # tar member names hold 100 bytes: key + ".series.npy" must fit
 _KEY_UNSAFE = re.compile(r"[^A-Za-z0-9_\-]")
 
@@ -225,6 +230,12 @@ def pimc_samples(
     series = series.astype(np.float16)
     plots = recurrence.recurrence_plot_uint8(series.astype(np.float32), size=cfg.rp_size or None)
     crops, padded = centred_crops(crop_image(patch, cfg.crop_source), pixels, cfg.crop_size)
+    s1_crops, s1_names = None, []
+    if patch.s1:
+        # SAR dates differ from the optical ones: the crop is always the median composite.
+        composite = np.concatenate([median_composite(np.asarray(s)) for s in patch.s1.values()])
+        s1_crops, _ = centred_crops(composite, pixels, cfg.crop_size)
+        s1_names = [f"{orbit}_{band}" for orbit in patch.s1 for band in patch.s1_bands]
     grid = [d.isoformat() for d in result.grid_dates]
     key = sample_key(patch.patch_id)
     samples = []
@@ -250,16 +261,18 @@ def pimc_samples(
                 },
             }
         )
+        if s1_crops is not None:
+            samples[-1]["s1.npy"] = s1_crops[i]
+            samples[-1]["json"]["s1_bands"] = s1_names
     return samples, notes
 
 
-def _float16(array: np.ndarray, what: str) -> np.ndarray:
+def _lossless(array: np.ndarray, what: str) -> np.ndarray:
+    """`array` in its storage dtype (the readers' uint16 / float32 unchanged); finite values only."""
     array = np.asarray(array)
-    if not np.isfinite(array).all():
+    if array.dtype.kind == "f" and not np.isfinite(array).all():
         raise ValueError(f"{what} has NaN or infinite values")
-    if array.size and np.abs(array).max() > FLOAT16_MAX:
-        raise ValueError(f"{what} has values beyond the float16 range (|x| > {FLOAT16_MAX:g})")
-    return array.astype(np.float16)
+    return array.astype(storage_dtype(array.dtype), copy=False)
 
 
 def mosaic_sample(patch: MultimodalPatch, classes: list[str]) -> dict[str, Any]:
@@ -272,8 +285,8 @@ def mosaic_sample(patch: MultimodalPatch, classes: list[str]) -> dict[str, Any]:
         )
     return {
         "__key__": sample_key(patch.patch_id),
-        "s2.npy": _float16(patch.s2, f"{patch.patch_id}: s2"),
-        "s1.npy": _float16(patch.s1, f"{patch.patch_id}: s1"),
+        "s2.npy": _lossless(patch.s2, f"{patch.patch_id}: s2"),
+        "s1.npy": _lossless(patch.s1, f"{patch.patch_id}: s1"),
         "json": {
             "dataset": patch.dataset,
             "patch": patch.patch_id,
@@ -282,6 +295,7 @@ def mosaic_sample(patch: MultimodalPatch, classes: list[str]) -> dict[str, Any]:
             "label_names": [classes[i] for i in np.flatnonzero(labels)],
             "s2_bands": list(patch.s2_bands),
             "s1_bands": list(patch.s1_bands),
+            "s2_dn_scale": float(patch.s2_dn_scale),
         },
     }
 

@@ -25,6 +25,7 @@ against it. `iter_shard_samples` is the fast tar reader the loader uses.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import json
@@ -40,7 +41,9 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
-SCHEMA_VERSION = 1
+# 2: MoSAiC samples store S2 as the reader's digital numbers (uint16; float32 when
+#    resampled bilinearly) and S1 as float32, where schema 1 stored both as float16.
+SCHEMA_VERSION = 2
 MANIFEST_NAME = "manifest.json"
 REPORT_NAME = "skipped.json"
 SHARD_RE = re.compile(r"^shard-(\d{6,})\.tar$")
@@ -593,6 +596,18 @@ class Manifest:
     def shard_paths(self) -> list[Path]:
         return [self.root / s.name for s in self.shards]
 
+    def without(self, names: set[str] | frozenset[str]) -> Manifest:
+        """This manifest with the shards named in `names` left out (totals follow)."""
+        shards = [s for s in self.shards if s.name not in names]
+        return dataclasses.replace(
+            self, shards=shards, total_samples=sum(s.samples for s in shards)
+        )
+
+
+_RESHARD = (
+    "the set was written by another pimc_dist version; shard it again (python -m pimc_dist.shard)"
+)
+
 
 def _check(cond: bool, path: Path, key: str, problem: str) -> None:
     if not cond:
@@ -636,7 +651,7 @@ def read_manifest(directory: str | os.PathLike) -> Manifest:
         version == SCHEMA_VERSION,
         path,
         "schema_version",
-        f"is {version}, this code reads {SCHEMA_VERSION}",
+        f"is {version}, this code reads {SCHEMA_VERSION}: {_RESHARD}",
     )
     views = {}
     for name, spec in _typed(data, "views", dict, path).items():
@@ -713,6 +728,37 @@ def sha256_file(path: str | os.PathLike, chunk_bytes: int = 8 << 20) -> str:
     return digest.hexdigest()
 
 
+def shard_problems(manifest: Manifest, *, checksums: bool = True) -> dict[str, str]:
+    """Listed shards that disagree with `manifest`: name -> problem (missing, resized, changed).
+
+    Each problem names the file. Sizes are always compared; sha256 with `checksums`.
+    """
+    problems = {}
+    for entry in manifest.shards:
+        path = manifest.root / entry.name
+        if not path.is_file():
+            problems[entry.name] = f"{path}: listed in {manifest.path.name} but missing"
+            continue
+        size = path.stat().st_size
+        if size != entry.bytes:
+            problems[entry.name] = f"{path}: {size} bytes, {manifest.path.name} says {entry.bytes}"
+            continue
+        if checksums:
+            digest = sha256_file(path)
+            if digest != entry.sha256:
+                problems[entry.name] = (
+                    f"{path}: sha256 {digest[:16]}... differs from {manifest.path.name} "
+                    f"{entry.sha256[:16]}..."
+                )
+    return problems
+
+
+def unlisted_shards(manifest: Manifest) -> list[Path]:
+    """Shard files in the manifest's folder that it does not list (never read by a loader)."""
+    listed = {entry.name for entry in manifest.shards}
+    return [p for p in sorted(manifest.root.glob("shard-*.tar")) if p.name not in listed]
+
+
 def verify(directory: str | os.PathLike, *, checksums: bool = True) -> list[str]:
     """Problems of a shard set against its manifest: missing, resized, changed or unlisted shards.
 
@@ -720,28 +766,9 @@ def verify(directory: str | os.PathLike, *, checksums: bool = True) -> list[str]
     Raises ShardError when the manifest itself is missing or invalid.
     """
     manifest = read_manifest(directory)
-    root = manifest.root
-    problems = []
-    listed = set()
-    for entry in manifest.shards:
-        listed.add(entry.name)
-        path = root / entry.name
-        if not path.is_file():
-            problems.append(f"{path}: listed in {manifest.path.name} but missing")
-            continue
-        size = path.stat().st_size
-        if size != entry.bytes:
-            problems.append(f"{path}: {size} bytes, {manifest.path.name} says {entry.bytes}")
-            continue
-        if checksums:
-            digest = sha256_file(path)
-            if digest != entry.sha256:
-                problems.append(
-                    f"{path}: sha256 {digest[:16]}... differs from {manifest.path.name} {entry.sha256[:16]}..."
-                )
-    for path in sorted(root.glob("shard-*.tar")):
-        if path.name not in listed:
-            problems.append(f"{path}: shard file not listed in {manifest.path.name}")
+    problems = list(shard_problems(manifest, checksums=checksums).values())
+    for path in unlisted_shards(manifest):
+        problems.append(f"{path}: shard file not listed in {manifest.path.name}")
     return problems
 
 
@@ -877,6 +904,11 @@ class ShardSetWriter:
             raise ShardError(
                 f"{path}: {path.stat().st_size} bytes but {sidecar.name} says {size}; "
                 "remove both to rewrite the shard"
+            )
+        if info.get("schema_version") != SCHEMA_VERSION:
+            raise ShardError(
+                f"{sidecar}: schema_version {info.get('schema_version')}, this code writes "
+                f"{SCHEMA_VERSION}: {_RESHARD} into a new folder"
             )
         return True
 
@@ -1123,6 +1155,12 @@ def merge_manifest(
         except (OSError, ValueError, KeyError, TypeError) as exc:
             problems.append(f"{path}: unreadable sidecar ({exc!r})")
             continue
+        if info.get("schema_version") != SCHEMA_VERSION:
+            problems.append(
+                f"{path}: schema_version {info.get('schema_version')}, this code writes "
+                f"{SCHEMA_VERSION}: {_RESHARD} into a new folder"
+            )
+            continue
         if tar.stat().st_size != info["bytes"]:
             problems.append(f"{tar}: {tar.stat().st_size} bytes, its sidecar says {info['bytes']}")
         sidecars.append(info)
@@ -1234,5 +1272,7 @@ __all__ = [
     "read_manifest",
     "sha256_file",
     "shard_name",
+    "shard_problems",
+    "unlisted_shards",
     "verify",
 ]

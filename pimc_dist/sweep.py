@@ -35,7 +35,11 @@ the forecasting baselines as rows of their own, and the failed cells; the plot
 shows each task's primary metric against the label fraction (best lr per curve
 by mean validation score). W&B: every cell logs to the group
 `tracking.group` (default: the sweep name), and the aggregation adds a summary
-run with the results table to the same group.
+run with the results table and plot to the same group.
+
+A sweep folder that holds another run (a pretraining, a fine-tuning, or a sweep of
+another name) is refused before anything is written; the same sweep may be
+resubmitted there with a grown grid or changed overrides.
 """
 
 from __future__ import annotations
@@ -676,14 +680,14 @@ def aggregate(cfg: Any, cells: list[Cell] | None = None) -> dict[str, Any]:
     }
     (folder / "failed.json").write_text(json.dumps(problems, indent=1))
     paths["failed"] = folder / "failed.json"
-    _log_to_wandb(cfg, rows, problems, len(cells))
+    _log_to_wandb(cfg, rows, problems, len(cells), paths["plot"])
     return {"rows": rows, "problems": problems, "paths": paths, "cells": len(cells)}
 
 
 def _log_to_wandb(
-    cfg: Any, rows: list[dict[str, Any]], problems: list[dict[str, Any]], n: int
+    cfg: Any, rows: list[dict[str, Any]], problems: list[dict[str, Any]], n: int, plot: Path | None
 ) -> None:
-    """A summary run with the results table in the sweep's W&B group."""
+    """A summary run with the results table and plot in the sweep's W&B group."""
     if not cfg.tracking.wandb or cfg.tracking.mode == "disabled" or not rows:
         return
     from pimc_dist.tracking import Tracker
@@ -704,7 +708,10 @@ def _log_to_wandb(
 
         columns = sorted({k for r in rows for k in r})
         table = wandb.Table(columns=columns, data=[[r.get(c) for c in columns] for r in rows])
-        tracker.run.log({"results": table})
+        tracker.run.log({"results": table}, step=0)
+    from pimc_dist import viz
+
+    viz.log_pngs(tracker, {"results_plot": plot}, step=0)
     tracker.summary({"cells": n, "failed": len(problems)})
     tracker.finish()
 
@@ -715,16 +722,40 @@ def _log_to_wandb(
 
 
 def check_config(cfg: Any) -> None:
-    """Grid, task configs and every cell's config checked before anything is submitted."""
-    from pimc_dist import finetune
+    """Grid, sweep folder, W&B and every cell's config checked before anything is submitted."""
+    from pimc_dist import finetune, launch
 
     if int(cfg.sweep.parallelism) < 1:
         raise config_lib.ConfigError("invalid key 'sweep.parallelism': must be at least 1")
+    check_sweep_folder(cfg)
+    launch.check_tracking(cfg)
     for cell in expand_grid(cfg):
         try:
             finetune.check_config(cell_config(cfg, cell))
         except config_lib.ConfigError as exc:
             raise config_lib.ConfigError(f"sweep cell {cell.id}: {exc}") from None
+
+
+def check_sweep_folder(cfg: Any) -> None:
+    """Refuse a sweep folder that holds another run, or another sweep (another name).
+
+    The grid, overrides and task configs may change between submissions: cells are
+    kept by id, and fixing what made some fail, then rerunning them, is the usual way.
+    """
+    from pimc_dist import finetune
+
+    folder = sweep_dir(cfg)
+    saved = folder / "config.yaml"
+    if (
+        saved.is_file()
+        and not config_lib.from_yaml_text(saved.read_text(), str(saved)).sweep.grid.task
+    ):
+        raise config_lib.ConfigError(
+            f"invalid key 'train.run_dir': {folder} holds a run that is not a sweep (its "
+            "config.yaml has no sweep.grid.task); give the sweep its own folder with "
+            "train.run_dir=... or name=..."
+        )
+    finetune.check_run_folder(cfg, folder, "sweep", ("name",))
 
 
 def run(cfg: Any, cluster: str, dry_run: bool = False) -> int:

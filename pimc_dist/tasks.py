@@ -23,11 +23,13 @@ observed value (the persistence forecast) and the forecast is that value plus
 the change; `none` makes them predict the values themselves. The raw window
 can be added as an input (`finetune.inputs=[rp,series]`). Reported RMSEs are on
 the values themselves.
-Baselines scored on the same samples: `persistence` (last value), `seasonal_naive`
-and `climatology` (the mean training curve of the horizon dates). The window
-holds less than a year (32 x 10 days), so no value from a year earlier exists;
-`seasonal_naive` repeats the last `horizon` observed values (season = horizon
-length), the usual fallback of seasonal-naive forecasting with a short history.
+Baselines scored on the same samples: `persistence` (last value), `climatology`
+(the mean training curve of the horizon dates) and `seasonal_naive`: each
+forecast step takes the value one season (a year) earlier on the regular grid,
+the period being round(365.25 / data.grid_step_days) steps of the shard set
+(37 at 10 days). It needs a window that holds a whole season (`input_steps` >= the
+period, and `horizon` <= it); the default 32 x 10-day window does not, and then
+the result has no seasonal_naive entry.
 
 Splits. Each sample's split comes from its JSON: PASTIS samples by their
 `fold` and the official rotation (`sources.pastis.FOLD_ROTATION[fold_rotation]`:
@@ -331,18 +333,24 @@ class Task:
             return True
         return a > b if self.higher_is_better else a < b
 
-    def baselines(self, train: SplitData, test: SplitData, ft: Any) -> dict[str, dict[str, Any]]:
-        """Forecasting: persistence, seasonal naive and climatology on `test`; {} otherwise."""
+    def baselines(
+        self, train: SplitData, test: SplitData, ft: Any, season: int | None = None
+    ) -> dict[str, dict[str, Any]]:
+        """Forecasting: persistence, climatology and (with a `season` of grid steps that the
+        input window holds) seasonal naive on `test`; {} for other tasks."""
         if self.kind != "forecast":
             return {}
         horizon = int(ft.horizon)
         out = {}
-        if test.window is not None and test.window.shape[-1] >= horizon:
+        if test.window is not None:
             window = test.window
             persistence = np.repeat(window[..., -1:], horizon, axis=-1)
             out["persistence"] = self.score_forecast(persistence - test.base[..., None], test)
-            last = window[..., -horizon:]
-            out["seasonal_naive"] = self.score_forecast(last - test.base[..., None], test)
+            n_in = window.shape[-1]
+            if season and n_in >= season >= horizon:
+                # Step n_in + h is forecast by step n_in + h - season, inside the window.
+                earlier = window[..., n_in - season : n_in - season + horizon]
+                out["seasonal_naive"] = self.score_forecast(earlier - test.base[..., None], test)
         if len(train):
             curve = (train.target + train.base[..., None]).mean(axis=0)  # (C, H)
             out["climatology"] = self.score_forecast(curve[None] - test.base[..., None], test)
@@ -468,6 +476,9 @@ def _loader_cfg(cfg: Any, shards: str, views: list[str]) -> Any:
         augment=False,
         rp_on_the_fly="off",
         resampled=False,
+        # Scores are only comparable on the whole split: a shard that fails its manifest
+        # check stops the evaluation instead of silently shrinking the test set.
+        max_excluded_fraction=0.0,
     )
     plain["train"]["batch_size"] = int(cfg.finetune.eval_batch_size)
     return OmegaConf.create(plain)
@@ -502,6 +513,13 @@ def read_manifest_for(shards: str) -> Any:
     from pimc_dist import shardio
 
     return shardio.read_manifest(shards)
+
+
+def season_steps(cfg: Any) -> int | None:
+    """One year in steps of the regular grid of the test shard set (its data.grid_step_days),
+    or None when its manifest does not record one."""
+    step = read_manifest_for(split_shards(cfg)["test"]).config.get("grid_step_days")
+    return round(365.25 / float(step)) if step else None
 
 
 def check_shard_sets(cfg: Any, task: Task) -> None:
@@ -611,6 +629,7 @@ __all__ = [
     "normalizer_for",
     "read_splits",
     "sample_key",
+    "season_steps",
     "select_bands",
     "split_of",
     "split_shards",

@@ -6,14 +6,19 @@
 
 Each command writes a PNG and prints its path. `samples` draws, per sample,
 the NDVI, EVI and SAVI recurrence plots, the crop as RGB (B04, B03, B02) and
-the label; `curves` the loss, learning rate and throughput from
-`metrics.jsonl`; `sweep` a bar chart of a sweep's `results.csv`.
+the label; `curves` the loss, learning rate, throughput and validation scores
+from `metrics.jsonl`; `sweep` a bar chart of a sweep's `results.csv` (each task's
+primary test metric per setting, mean and std over seeds).
+
+Tracked runs send their pictures to W&B too (`log_pngs`): a fine-tuning run its
+confusion matrix and curves, a sweep's summary run its results plot.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import math
 import sys
 from pathlib import Path
 from typing import Any
@@ -110,63 +115,114 @@ def plot_samples(shard_dir: str | Path, out: str | Path, n: int = 8) -> Path:
     return _save(fig, out)
 
 
-def plot_curves(run_dir: str | Path, out: str | Path) -> Path:
-    """Loss (and its terms), learning rate and samples/s against step, from metrics.jsonl."""
+def plot_curves(
+    run_dir: str | Path, out: str | Path, rows: list[dict[str, Any]] | None = None
+) -> Path:
+    """Training curves against step from metrics.jsonl (or from `rows` like its lines): loss
+    (and its terms), learning rate, samples/s and validation scores, whichever were logged."""
     plt = _pyplot()
-    rows = read_metrics(Path(run_dir) / "metrics.jsonl")
-    rows = [r for r in rows if "loss" in r]
+    if rows is None:
+        rows = read_metrics(Path(run_dir) / "metrics.jsonl")
+    rows = [r for r in rows if any(_is_loss(k) for k in r)]
     if not rows:
         raise ValueError(f"{run_dir}/metrics.jsonl: no training rows to plot")
-    steps = [r["step"] for r in rows]
+    keys = list(dict.fromkeys(k for r in rows for k in r))
     panels = [
-        ("loss", [k for k in rows[-1] if k == "loss" or k.startswith("loss/")]),
-        ("lr", ["lr"]),
-        ("samples/s", ["samples_per_s"]),
+        ("loss", [k for k in keys if _is_loss(k)]),
+        ("lr", [k for k in keys if k == "lr"]),
+        ("samples/s", [k for k in keys if k == "samples_per_s"]),
+        ("validation", [k for k in keys if k.startswith("val/")]),
     ]
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.2))
-    for ax, (title, keys) in zip(axes, panels, strict=True):
-        for key in keys:
+    panels = [(title, names) for title, names in panels if names]
+    steps = [r["step"] for r in rows]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.2), squeeze=False)
+    for ax, (title, names) in zip(axes[0], panels, strict=True):
+        for key in names:
             values = [
                 float(r[key]) if isinstance(r.get(key), (int, float)) else np.nan for r in rows
             ]
             ax.plot(steps, values, label=key)
         ax.set_title(title)
         ax.set_xlabel("step")
-        if len(keys) > 1:
+        if len(names) > 1 or title == "validation":
             ax.legend(fontsize=7)
     fig.tight_layout()
     return _save(fig, out)
 
 
+def _is_loss(key: str) -> bool:
+    # Pretraining logs loss and loss/<term>; fine-tuning logs finetune/loss per epoch.
+    return key == "loss" or key.startswith("loss/") or key.endswith("/loss")
+
+
+def sweep_groups(
+    rows: list[dict[str, str]], metric: str | None = None
+) -> dict[str, tuple[str, dict[str, list[float]]]]:
+    """Per task: (metric, {setting: values over seeds}) from results.csv rows.
+
+    A setting is every grid axis but the seed (protocol, init, lr, label fraction),
+    so pretrained and random-init cells never share a bar. The metric is `metric`,
+    else the task's primary test metric (the row's `primary` column, written by
+    the sweep; else the task's own).
+    """
+    from pimc_dist.tasks import TASKS
+
+    out: dict[str, tuple[str, dict[str, list[float]]]] = {}
+    for r in rows:
+        task = r.get("task", "")
+        name = metric or r.get("primary") or (TASKS[task].primary if task in TASKS else None)
+        if not name:
+            raise ValueError(f"rows of task '{task}' name no primary metric; pass --metric")
+        value = r.get(name, "")
+        if not _is_number(value) or not math.isfinite(float(value)):
+            continue
+        setting = f"{r.get('protocol', '?')}/{r.get('init', '-')}"
+        if r.get("lr") not in (None, "", "-", "grid"):
+            setting += f" lr {r['lr']}"
+        if r.get("label_fraction") not in (None, ""):
+            setting += f" frac {float(r['label_fraction']):g}"
+        out.setdefault(task, (name, {}))[1].setdefault(setting, []).append(float(value))
+    return out
+
+
 def plot_sweep(results_csv: str | Path, out: str | Path, metric: str | None = None) -> Path:
-    """Bar chart of a sweep's results.csv: mean metric per (task, protocol, ...) with std over seeds."""
+    """Bar chart of a sweep's results.csv: one panel per task, one bar per setting (every grid
+    axis but the seed), the mean test metric over seeds with their std."""
     plt = _pyplot()
     with open(results_csv, newline="") as f:
         rows = list(csv.DictReader(f))
     if not rows:
         raise ValueError(f"{results_csv}: no rows")
-    numeric = [
-        k for k in rows[0] if _is_number(rows[0][k]) and k not in ("seed", "lr", "label_fraction")
-    ]
-    metric = metric or next((k for k in numeric if not k.endswith("_s")), None)
-    if metric is None:
-        raise ValueError(f"{results_csv}: no numeric metric column")
-    groups: dict[str, list[float]] = {}
-    for r in rows:
-        key = " / ".join(r[k] for k in ("task", "protocol", "label_fraction") if k in r)
-        if _is_number(r.get(metric, "")):
-            groups.setdefault(key, []).append(float(r[metric]))
-    names = list(groups)
-    fig, ax = plt.subplots(figsize=(max(4, 1.2 * len(names)), 3.5))
-    ax.bar(
-        range(len(names)),
-        [np.mean(groups[k]) for k in names],
-        yerr=[np.std(groups[k]) for k in names],
-    )
-    ax.set_xticks(range(len(names)), names, rotation=30, ha="right", fontsize=8)
-    ax.set_ylabel(metric)
+    try:
+        groups = sweep_groups(rows, metric)
+    except ValueError as exc:
+        raise ValueError(f"{results_csv}: {exc}") from None
+    if not groups:
+        raise ValueError(f"{results_csv}: no numeric value of {metric or 'the primary metric'}")
+    width = max(4.0, max(1.0 * len(g) for _, g in groups.values()))
+    fig, axes = plt.subplots(1, len(groups), figsize=(width * len(groups), 4.0), squeeze=False)
+    for ax, (task, (name, settings)) in zip(axes[0], groups.items(), strict=True):
+        labels = list(settings)
+        means = [float(np.mean(settings[k])) for k in labels]
+        stds = [float(np.std(settings[k], ddof=1)) if len(settings[k]) > 1 else 0.0 for k in labels]
+        ax.bar(range(len(labels)), means, yerr=stds, capsize=3)
+        ax.set_xticks(range(len(labels)), labels, rotation=30, ha="right", fontsize=8)
+        ax.set_ylabel(f"test {name}")
+        ax.set_title(task, fontsize=9)
     fig.tight_layout()
     return _save(fig, out)
+
+
+def log_pngs(tracker: Any, images: dict[str, str | Path | None], step: int) -> None:
+    """Send PNG files to the tracker's W&B run (a no-op when it has none); None paths are skipped."""
+    from PIL import Image
+
+    arrays = {}
+    for name, path in images.items():
+        if path is not None:
+            with Image.open(path) as im:
+                arrays[name] = np.asarray(im.convert("RGB"))
+    tracker.log_images(arrays, step=step)
 
 
 def _is_number(text: str) -> bool:
@@ -203,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=None, help="default <run_dir>/curves.png")
     p = sub.add_parser("sweep", help="bar chart of a sweep's results.csv")
     p.add_argument("results_csv")
-    p.add_argument("--metric", default=None)
+    p.add_argument("--metric", default=None, help="default: each task's primary test metric")
     p.add_argument("--out", default="sweep.png")
     args = parser.parse_args(argv)
     try:

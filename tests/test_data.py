@@ -2,8 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import logging
+import pickle
+import subprocess
+import sys
+import textwrap
+import time
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,6 +21,8 @@ from pimc_dist import config as config_lib
 from pimc_dist import data, shardio
 from pimc_dist.data import LoaderError, ShardStream
 from pimc_dist.shardio import ShardError, ShardSetWriter
+
+REPO = Path(__file__).resolve().parents[1]
 
 VIEWS = ("rp", "series", "rsi")
 
@@ -167,15 +176,41 @@ def test_epochs_reshuffle_but_keep_the_split(tmp_path):
 
 
 def test_resampled_streams_differ_per_rank_and_repeat_with_the_seed(tmp_path):
-    write_pimc(tmp_path, [10, 10, 10])
+    samples = write_pimc(tmp_path, [10, 10, 10])
 
     def first_keys(rank, seed=0):
         it = iter(stream(tmp_path, resampled=True, rank=rank, world_size=2, seed=seed))
         return keys_of(next(it) for _ in range(8))  # 64 samples: more than one pass
 
     a = first_keys(0)
-    assert len(a) == 64 and len(set(a)) <= 30
+    # Whole shards are drawn: 64 samples come from more than one of the three shards.
+    assert len(a) == 64 and set(a) <= set(samples) and len({int(k[1:]) // 10 for k in a}) > 1
     assert a == first_keys(0) and a != first_keys(1) and a != first_keys(0, seed=1)
+
+
+def test_resampled_shard_draws_are_weighted_by_sample_count():
+    draws = data.resampled_tasks(["a", "b", "c", "d"], [10, 30, 0, 60], data._rng(0))
+    counts = Counter(next(draws).path for _ in range(4000))
+    assert counts["c"] == 0  # an empty shard is never drawn
+    for path, share in (("a", 0.1), ("b", 0.3), ("d", 0.6)):
+        assert abs(counts[path] / 4000 - share) < 0.03, counts
+
+
+def test_resampled_streams_differ_per_worker_and_per_epoch(tmp_path):
+    write_pimc(tmp_path, [10, 10, 10, 10, 10, 10])
+    s = stream(tmp_path, resampled=True, batch_size=10, shuffle_buffer=0)
+
+    def first_keys(epoch):
+        # The DataLoader takes batches from its workers in turn: even ones from worker 0.
+        s.epoch.set(epoch)
+        batches = iter(DataLoader(s, batch_size=None, num_workers=2))
+        first = [next(batches) for _ in range(8)]
+        return keys_of(first[0::2]), keys_of(first[1::2])
+
+    worker0, worker1 = first_keys(0)
+    assert worker0 != worker1
+    assert first_keys(0) == (worker0, worker1)  # the same seed, epoch and worker: the same draws
+    assert first_keys(1)[0] != worker0
 
 
 def test_corrupt_and_truncated_shards_are_skipped_counted_and_logged(tmp_path, caplog):
@@ -291,6 +326,23 @@ def test_augmentation_flips_aligned_views_together_and_never_the_plots(tmp_path,
     assert len(set(used)) >= 5  # 32 draws from 8 transforms
 
 
+def test_uint16_dn_views_come_back_exactly_and_normalise_from_the_manifest(tmp_path):
+    rng = np.random.default_rng(4)
+    s2 = {f"m{i}": rng.integers(0, 30000, (3, 4, 4)).astype(np.uint16) for i in range(16)}
+    with ShardSetWriter(tmp_path, kind="mosaic", classes=["x"]) as w:
+        for key, array in s2.items():
+            w.write({"__key__": key, "s2.npy": array, "json": {"key": key, "labels": [1]}})
+    stats = shardio.read_manifest(tmp_path).stats["s2"]
+    raw = next(iter(stream(tmp_path, views=["s2"], batch_size=16, shuffle=False, normalize=False)))
+    norm = next(iter(stream(tmp_path, views=["s2"], batch_size=16, shuffle=False)))
+    for j, meta in enumerate(raw["meta"]):
+        assert raw["s2"].dtype == torch.uint16
+        np.testing.assert_array_equal(raw["s2"][j].numpy(), s2[meta["key"]])
+    mean, std = (np.array(v).reshape(1, -1, 1, 1) for v in (stats.mean, stats.std))
+    expected = (raw["s2"].numpy().astype(np.float64) - mean) / std
+    np.testing.assert_allclose(norm["s2"].numpy(), expected, rtol=1e-5, atol=1e-5)
+
+
 def test_dihedral_covers_the_eight_symmetries_of_a_square():
     x = np.arange(9).reshape(1, 3, 3)
     images = {data.dihedral(x, k).tobytes() for k in range(8)}
@@ -357,19 +409,92 @@ def test_build_loader_from_config_with_workers_counters_and_epochs(tmp_path):
     assert images["rp/0"].dtype == np.uint8
 
 
+def loader_cfg(shards, *overrides: str):
+    """A job config reading `shards` with the default loader settings but the ones given."""
+    return config_lib.load(
+        None, [f"loader.shards={shards}", "loader.views=[rp,rsi]", "train.batch_size=8", *overrides]
+    )
+
+
 def test_build_loader_refuses_a_shard_set_that_disagrees_with_its_manifest(tmp_path):
     write_pimc(tmp_path, [8, 8, 8])
     (tmp_path / "shard-000001.tar").unlink()
     raw = bytearray((tmp_path / "shard-000002.tar").read_bytes())
     raw[1000] ^= 1
     (tmp_path / "shard-000002.tar").write_bytes(bytes(raw))
-    cfg = config_lib.load(
-        None, [f"loader.shards={tmp_path}", "loader.verify=sha256", "loader.workers=0"]
-    )
-    with pytest.raises(ShardError) as err:
+    cfg = loader_cfg(tmp_path, "loader.verify=sha256", "loader.workers=0")
+    with pytest.raises(ShardError) as err:  # 2 of 3 shards: more than max_excluded_fraction
         data.build_loader(cfg)
-    assert "shard-000001.tar: listed in manifest.json but missing" in str(err.value)
-    assert "shard-000002.tar: sha256" in str(err.value)
+    message = str(err.value)
+    assert "2 of 3 shard(s) disagree with manifest.json (loader.verify=sha256)" in message
+    assert "holding 16 of 24 samples" in message and "loader.max_excluded_fraction=0.1" in message
+    assert "shard-000001.tar: listed in manifest.json but missing" in message
+    assert "shard-000002.tar: sha256" in message
+    # With the size check alone the changed byte goes unseen; the missing shard is still named.
+    with pytest.raises(ShardError, match="shard-000001.tar: listed in manifest.json but missing"):
+        data.build_loader(loader_cfg(tmp_path, "loader.workers=0"))
+
+
+def test_build_loader_leaves_out_a_truncated_shard_and_ranks_keep_equal_batch_counts(
+    tmp_path, caplog
+):
+    samples = write_pimc(tmp_path, [8] * 10)
+    cut = tmp_path / "shard-000003.tar"
+    cut.write_bytes(cut.read_bytes()[:5000])
+    lost = {f"p{i:05d}" for i in range(24, 32)}
+    cfg = loader_cfg(tmp_path, "loader.resampled=false")  # default verify=size, 2 workers
+    seen, lengths = [], []
+    for rank in range(2):
+        with caplog.at_level(logging.WARNING, logger="pimc_dist.data"):
+            loader = data.build_loader(cfg, rank=rank, world_size=2)
+        batches = list(loader)
+        lengths.append((len(batches), loader.batches_per_epoch))
+        seen.append(keys_of(batches))
+        counters = loader.counters()
+        assert counters["data/shards_excluded"] == 1 and counters["data/skipped_tar"] == 0
+    assert lengths == [(4, 4), (4, 4)]  # 72 good samples // (2 ranks x 8)
+    assert not set(seen[0]) & set(seen[1])
+    assert set(seen[0] + seen[1]) <= set(samples) - lost and len(seen[0] + seen[1]) == 64
+    assert f"{cut}: 5000 bytes, manifest.json says" in caplog.text
+    assert "1 of 10 shard(s) disagree" in caplog.text and "left out of this run" in caplog.text
+    # Strict: no shard may be left out.
+    with pytest.raises(ShardError, match="more than loader.max_excluded_fraction=0.0"):
+        data.build_loader(loader_cfg(tmp_path, "loader.max_excluded_fraction=0"))
+    # The default resampled stream never draws it either.
+    resampled = data.build_loader(loader_cfg(tmp_path, "loader.workers=0"))
+    batches = iter(resampled)
+    assert not set(keys_of(next(batches) for _ in range(20))) & lost
+    assert resampled.stats.skipped["tar"] == 0
+
+
+def test_a_rank_whose_whole_range_is_a_damaged_shard_tops_up_from_the_others(tmp_path, caplog):
+    samples = write_pimc(tmp_path, [16, 16])  # each rank's 2 batches are one whole shard
+    damaged = tmp_path / "shard-000001.tar"
+    raw = bytearray(damaged.read_bytes())
+    raw[:512] = b"\x01" * 512  # same size, so verify=size passes; nothing in it is readable
+    damaged.write_bytes(bytes(raw))
+    cfg = loader_cfg(tmp_path, "loader.resampled=false", "loader.workers=0")
+    counts, refills = [], []
+    for rank in range(2):
+        loader = data.build_loader(cfg, rank=rank, world_size=2)
+        with caplog.at_level(logging.WARNING, logger="pimc_dist.data"):
+            keys = keys_of(loader)
+        counts.append(len(keys) // 8)
+        assert set(keys) <= {f"p{i:05d}" for i in range(16)} <= set(samples)
+        refills.append(loader.counters()["data/refills"])
+    assert counts == [2, 2] and sorted(refills) == [0, 1]
+    assert "shard-000001.tar: corrupt tar header" in caplog.text
+    assert "topping up from the shards after shard-000001.tar" in caplog.text
+
+
+def test_loader_refuses_shards_of_an_older_schema_naming_the_manifest(tmp_path):
+    write_pimc(tmp_path, [8])
+    path = tmp_path / "manifest.json"
+    path.write_text(path.read_text().replace('"schema_version": 2', '"schema_version": 1'))
+    with pytest.raises(ShardError, match=r"manifest.json: key 'schema_version' is 1, this code "):
+        data.build_loader(loader_cfg(tmp_path, "loader.workers=0"))
+    with pytest.raises(ShardError, match=r"shard it again \(python -m pimc_dist.shard\)"):
+        data.build_loader(loader_cfg(tmp_path, "loader.workers=0"))
 
 
 def test_loader_errors_name_the_problem(tmp_path):
@@ -390,12 +515,13 @@ def test_a_resampled_stream_over_broken_shards_fails_instead_of_hanging(tmp_path
         next(iter(stream(tmp_path, resampled=True)))
 
 
-def test_exact_epoch_with_nothing_decodable_raises(tmp_path):
-    write_pimc(tmp_path, [8])
-    path = tmp_path / "shard-000000.tar"
-    for i in range(8):
-        patch_member(path, f"p{i:05d}.json", lambda b: b"!" + b[1:])
-    with pytest.raises(LoaderError, match=r"no decodable sample in \['shard-000000.tar'\]"):
+def test_exact_epoch_with_nothing_decodable_in_the_whole_set_raises(tmp_path):
+    write_pimc(tmp_path, [8, 8])
+    for i in range(16):  # p00000..07 in shard 0, p00008..15 in shard 1
+        patch_member(
+            tmp_path / f"shard-00000{i // 8}.tar", f"p{i:05d}.json", lambda b: b"!" + b[1:]
+        )
+    with pytest.raises(LoaderError, match=r"no decodable sample in any of the 2 shard\(s\) of "):
         list(stream(tmp_path))
 
 
@@ -406,3 +532,136 @@ def test_evaluation_mode_reads_every_sample_once_in_order(tmp_path):
     assert [len(b["meta"]) for b in batches] == [4, 4, 4, 1] and s.batches_per_epoch() == 4
     assert keys_of(batches) == sorted(samples)
     assert Counter(keys_of(batches)).most_common(1)[0][1] == 1
+
+
+def by_key(batches) -> dict[str, dict]:
+    """Every sample of `batches` by key: its view tensors and its meta."""
+    out = {}
+    for batch in batches:
+        for j, meta in enumerate(batch["meta"]):
+            views = {v: batch[v][j] for v in batch if torch.is_tensor(batch[v])}
+            out[f"p{meta['row']:05d}"] = {**views, "meta": meta}
+    return out
+
+
+@pytest.mark.parametrize("normalize", [False, True])
+def test_workers_deliver_through_the_ring_exactly_what_one_process_builds(tmp_path, normalize):
+    samples = write_pimc(tmp_path, [13, 11, 9])  # 33: partial last batches per worker
+
+    def cfg(workers: int):
+        views = "loader.views=[rp,series,rsi]"
+        return loader_cfg(
+            tmp_path, f"loader.workers={workers}", f"loader.normalize={normalize}", views
+        )
+
+    inline = by_key(data.build_loader(cfg(0), train=False))
+    loader = data.build_loader(cfg(2), train=False)
+    assert loader.stream.ring is not None and loader.stream.ring.workers == 2
+    batches = list(loader)
+    assert all(isinstance(b["meta"], data.MetaList) for b in batches)
+    through = by_key(batches)
+    assert sorted(through) == sorted(inline) == sorted(samples)
+    for key, sample in through.items():
+        assert sample["meta"] == samples[key]["json"] == inline[key]["meta"]
+        for view in ("rp", "series", "rsi", "label"):
+            assert sample[view].dtype == inline[key][view].dtype
+            torch.testing.assert_close(sample[view], inline[key][view], rtol=0, atol=0)
+        if not normalize:
+            np.testing.assert_array_equal(sample["rsi"].numpy(), samples[key]["rsi.npy"])
+            np.testing.assert_array_equal(sample["rp"].numpy(), samples[key]["rp.png"])
+
+
+def test_without_room_in_shared_memory_the_loader_runs_without_a_ring(
+    tmp_path, monkeypatch, caplog
+):
+    samples = write_pimc(tmp_path, [13, 11])
+    monkeypatch.setattr(data, "shared_memory_free", lambda path="/dev/shm": 1024)
+    with caplog.at_level("WARNING", logger="pimc_dist.data"):
+        loader = data.build_loader(
+            loader_cfg(tmp_path, "loader.workers=1", "loader.normalize=false"), train=False
+        )
+    assert loader.stream.ring is None
+    assert "no shared-memory batch ring" in caplog.text and "/dev/shm" in caplog.text
+    through = by_key(list(loader))
+    assert sorted(through) == sorted(samples)
+    for key, sample in through.items():
+        np.testing.assert_array_equal(sample["rp"].numpy(), samples[key]["rp.png"])
+
+
+def test_a_process_that_exits_with_its_loader_alive_does_not_hang(tmp_path):
+    """Workers ignore SIGTERM (they serve batches while the trainer saves on a Slurm stop);
+    multiprocessing's exit handler would SIGTERM and join them forever."""
+    write_pimc(tmp_path, [13, 11])
+    script = textwrap.dedent(
+        f"""
+        from pimc_dist import config, data
+        cfg = config.load(None, ["loader.shards={tmp_path}", "loader.views=[rp,rsi]",
+                                 "train.batch_size=8", "loader.workers=2"])
+        LOADER = data.build_loader(cfg, train=True)  # resampled: endless
+        batches = iter(LOADER)
+        next(batches)
+        print("got a batch", flush=True)
+        """
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120, cwd=REPO
+    )
+    assert proc.returncode == 0 and "got a batch" in proc.stdout, proc.stderr[-2000:]
+
+
+def test_a_worker_whose_ring_is_full_builds_batches_in_new_memory_and_nothing_is_overwritten(
+    tmp_path,
+):
+    samples = write_pimc(tmp_path, [40])
+    loader = data.build_loader(
+        loader_cfg(tmp_path, "loader.workers=1", "loader.normalize=false"), train=False
+    )
+    stream = loader.stream
+    ring = stream.ring = data.BatchRing(stream.ring.buffers[0][0].numel(), workers=1, slots=1)
+    kinds, batches = [], []
+    for i, item in enumerate(loader.dataloader):
+        if i == 0:
+            time.sleep(1.0)  # slot 0 stays taken while the worker builds the next batches
+        kinds.append(type(item).__name__)
+        if isinstance(item, data.RingBatch):
+            item = ring.take(item, stream.builder.layout(item.n), pin=False)
+        batches.append(item)
+    assert kinds[0] == "RingBatch" and "dict" in kinds and len(batches) == 5
+    for key, sample in by_key(batches).items():
+        np.testing.assert_array_equal(sample["rsi"].numpy(), samples[key]["rsi.npy"])
+        np.testing.assert_array_equal(sample["rp"].numpy(), samples[key]["rp.png"])
+
+
+def test_batch_ring_hands_out_slots_in_turn_and_only_when_free():
+    layout = {"x": ((4, 3), np.dtype(np.float32)), "y": ((4,), np.dtype(np.int16))}
+    ring = data.BatchRing(128, workers=1, slots=2)
+    assert [ring.acquire(0, layout), ring.acquire(0, layout), ring.acquire(0, layout)] == [
+        0,
+        1,
+        None,
+    ]
+    ring.free[0].release()  # the trainer copied batch 0 out
+    assert ring.acquire(0, layout) == 0
+    too_big = {"x": ((64,), np.dtype(np.float32))}
+    ring.free[0].release()
+    assert ring.acquire(0, too_big) is None and ring.acquire(0, layout) == 1  # no slot spent
+    arrays = ring.arrays(0, 1, layout)
+    arrays["x"][:] = 1.5
+    arrays["y"][:] = 7
+    batch = ring.take(data.RingBatch(0, 1, 4, {"label": np.arange(4)}), layout, pin=False)
+    arrays["x"][:] = 0  # the slot is reused; the trainer's copy is its own
+    assert batch["x"].tolist() == [[1.5] * 3] * 4 and batch["y"].tolist() == [7] * 4
+    assert batch["label"].tolist() == [0, 1, 2, 3]
+
+
+def test_meta_list_parses_on_first_use_pickles_as_raw_bytes_and_torch_leaves_it_alone():
+    from torch.utils.data._utils.collate import default_convert
+    from torch.utils.data._utils.pin_memory import pin_memory
+
+    raw = [b'{"label": 1, "dates": ["2020-01-01"]}', b' {"label": 2} ']
+    metas = data.MetaList(raw)
+    copy = pickle.loads(pickle.dumps(metas))
+    assert copy._items is None and copy._raw == raw  # sent as bytes, not parsed
+    assert len(copy) == 2 and copy[1] == {"label": 2} and copy[:1] == [json.loads(raw[0])]
+    assert [m["label"] for m in copy] == [1, 2]
+    assert default_convert(metas) is metas and pin_memory(metas) is metas

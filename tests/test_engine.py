@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 
 import pytest
 import torch
 import torch.distributed as dist
 
-from pimc_dist import config, engine
+from pimc_dist import config, distributed, engine
 from pimc_dist.distributed import free_port
 
 
@@ -18,13 +19,17 @@ def process_group():
     """A one-rank gloo group in this process (DeepSpeed needs one)."""
     saved = dict(os.environ)
     os.environ.update(
-        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0"
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(free_port()),
+        RANK="0",
+        WORLD_SIZE="1",
+        LOCAL_RANK="0",
     )
     dist.init_process_group("gloo", rank=0, world_size=1)
     yield
     # Later tests expect a process without a group, and the subprocesses they start
     # must not inherit this rank's variables and port.
-    dist.destroy_process_group()
+    distributed.cleanup()  # with DeepSpeed's cached clones of this group
     os.environ.clear()
     os.environ.update(saved)
 
@@ -35,12 +40,12 @@ def tiny_cfg(tmp_path, *overrides):
     )
 
 
-def make_engine(cfg, seed=0):
+def make_engine(cfg, seed=0, **kw):
     torch.manual_seed(seed)
     model = torch.nn.Sequential(
         torch.nn.Linear(8, 16), torch.nn.LayerNorm(16), torch.nn.Linear(16, 2)
     )
-    return engine.Engine(cfg, model, world_size=1, rank=0, total_steps=100)
+    return engine.Engine(cfg, model, world_size=1, rank=0, total_steps=100, **kw)
 
 
 def train_steps(eng, n):
@@ -168,23 +173,112 @@ def test_truncated_checkpoint_file_raises_checkpoint_error_naming_it(tmp_path, p
         make_engine(cfg).load("step00000001")
 
 
-def test_checkpoint_loading_refuses_arbitrary_pickled_objects(tmp_path, process_group):
+@pytest.mark.parametrize("payload", ["exploit", "torch_module"])
+def test_checkpoint_loading_refuses_arbitrary_pickled_objects(tmp_path, process_group, payload):
     cfg = tiny_cfg(tmp_path)
     eng = make_engine(cfg)
     train_steps(eng, 1)
     eng.save(1, client_state(1))
     model_file = next((tmp_path / "checkpoints" / "step00000001").glob("mp_rank_*_model_states.pt"))
     state = torch.load(model_file, weights_only=False)
-    state["evil"] = _Exploit()
+    # A torch class is refused too: only the few DeepSpeed classes are admitted.
+    state["evil"] = _Exploit(tmp_path / "pwned") if payload == "exploit" else torch.nn.Linear(1, 1)
     torch.save(state, model_file)
-    with pytest.raises(engine.CheckpointError, match="step00000001"):
+    with pytest.raises(engine.CheckpointError, match="step00000001.*refuses to unpickle"):
         make_engine(cfg).load("step00000001")
     assert not (tmp_path / "pwned").exists()
 
 
+def test_universal_conversion_and_loading_refuse_arbitrary_pickled_objects(tmp_path, process_group):
+    cfg = tiny_cfg(tmp_path)
+    eng = make_engine(cfg)
+    train_steps(eng, 1)
+    eng.save(1, client_state(1))
+    ckpt = tmp_path / "checkpoints"
+    tag = engine.convert_to_universal(ckpt, "step00000001")
+    assert tag == "step00000001_universal"
+    make_engine(cfg, load_universal=True).load(tag)  # a clean conversion loads
+    # A universal per-parameter file with a pickled object: loading refuses it.
+    fp32 = ckpt / tag / "zero" / "0.weight" / "fp32.pt"
+    torch.save({"param": torch.zeros(16, 8), "evil": _Exploit(tmp_path / "pwned")}, fp32)
+    with pytest.raises(engine.CheckpointError, match="fp32.pt: refuses to unpickle"):
+        make_engine(cfg, load_universal=True).load(tag)
+    # A ZeRO optimizer file with one: the conversion (DeepSpeed's ds_to_universal) refuses it.
+    shutil.rmtree(ckpt / tag)
+    optim_file = next((ckpt / "step00000001").glob("*optim_states.pt"))
+    state = torch.load(optim_file, weights_only=False)
+    state["evil"] = _Exploit(tmp_path / "pwned")
+    torch.save(state, optim_file)
+    with pytest.raises(engine.CheckpointError, match="optim_states.pt: refuses to unpickle"):
+        engine.convert_to_universal(ckpt, "step00000001")
+    assert not (tmp_path / "pwned").exists()
+
+
 class _Exploit:
+    def __init__(self, path):
+        self.path = str(path)
+
     def __reduce__(self):
-        return (open, (os.path.join(os.getcwd(), "pwned"), "w"))
+        return (open, (self.path, "w"))
+
+
+def checkpoint_folders(ckpt):
+    return sorted(p.name for p in ckpt.iterdir() if p.is_dir())
+
+
+def test_keep_last_counts_only_checkpoints_every_rank_finished(
+    tmp_path, process_group, monkeypatch
+):
+    cfg = tiny_cfg(tmp_path)  # keep_last=2
+    ckpt = tmp_path / "checkpoints"
+    eng = make_engine(cfg)
+    for step in (1, 2):
+        train_steps(eng, 1)
+        eng.save(step, client_state(step))
+
+    # Step 3: this rank's files are written, then another rank dies in its save, so
+    # the barrier after the writes fails here.
+    def lost_rank(*args, **kwargs):
+        raise RuntimeError("Connection closed by peer")
+
+    real_save = eng.module.save_checkpoint
+
+    def save_then_lose_a_rank(*args, **kwargs):
+        real_save(*args, **kwargs)
+        monkeypatch.setattr(dist, "barrier", lost_rank)
+
+    eng.module.save_checkpoint = save_then_lose_a_rank
+    train_steps(eng, 1)
+    with pytest.raises(RuntimeError, match="closed by peer"):
+        eng.save(3, client_state(3))
+    assert not (ckpt / "step00000003" / engine.CLIENT_STATE).exists()
+    assert engine.latest_tag(ckpt) == "step00000002"
+
+    # The requeued job saves again: the two newest COMPLETE checkpoints stay, and load.
+    monkeypatch.undo()
+    eng.module.save_checkpoint = real_save
+    train_steps(eng, 1)
+    eng.save(4, client_state(4))
+    assert checkpoint_folders(ckpt) == ["step00000002", "step00000004"]
+    for tag in ("step00000002", "step00000004"):
+        make_engine(cfg).load(tag)
+
+
+def test_keep_last_does_not_count_universal_conversions(tmp_path, process_group):
+    cfg = tiny_cfg(tmp_path)  # keep_last=2
+    ckpt = tmp_path / "checkpoints"
+    eng = make_engine(cfg)
+    for step in (1, 2):
+        train_steps(eng, 1)
+        eng.save(step, client_state(step))
+    engine.convert_to_universal(ckpt, "step00000002")
+    train_steps(eng, 1)
+    eng.save(3, client_state(3))
+    assert checkpoint_folders(ckpt) == ["step00000002", "step00000002_universal", "step00000003"]
+    # A conversion goes when the checkpoint it came from goes.
+    train_steps(eng, 1)
+    eng.save(4, client_state(4))
+    assert checkpoint_folders(ckpt) == ["step00000003", "step00000004"]
 
 
 def test_client_state_errors_name_the_file(tmp_path):

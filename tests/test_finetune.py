@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -16,10 +17,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from pimc_dist import config as config_lib
-from pimc_dist import finetune, probe, shard, shardio, tasks
+from pimc_dist import finetune, probe, shard, shardio, tasks, tracking
 from pimc_dist.models import export_encoder_state, read_weights_file, save_encoder_weights
+from pimc_dist.shardio import ShardError
 from pimc_dist.sources.fixtures import write_pastis
 from pimc_dist.sources.fixtures_scenes import write_eurosat, write_sen12ms
 from pimc_dist.sources.reben import configilm_mock_root
@@ -205,6 +208,20 @@ def test_pixel_cls_linear_probe_writes_result_plot_heads_and_reuses_cached_featu
     assert second["metrics"]["miou"] == pytest.approx(m["miou"])
 
 
+def test_evaluation_refuses_a_damaged_shard_instead_of_scoring_a_smaller_split(
+    pastis, pimc_run, tmp_path
+):
+    damaged = tmp_path / "shards"
+    shutil.copytree(pastis, damaged)
+    shard = sorted(damaged.glob("shard-*.tar"))[-1]
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    run = tmp_path / "run"
+    cfg = ft_config("pastis_pixel_cls", run, damaged, f"finetune.ckpt={pimc_run}")
+    with pytest.raises(ShardError, match=shard.name):
+        finetune.main(cfg)
+    assert not (run / "result.json").exists()
+
+
 def test_pretrained_weights_are_loaded_and_random_init_differs(pimc_run, pastis, tmp_path):
     cfg = ft_config("pastis_pixel_cls", tmp_path / "r", pastis, f"finetune.ckpt={pimc_run}")
     source = finetune.resolve_encoder_source(cfg)
@@ -235,16 +252,32 @@ def test_forecast_linear_probe_reports_rmse_per_index_and_baselines(pastis, pimc
     m = result["metrics"]
     assert set(m) >= {"rmse_ndvi", "rmse_evi", "rmse_savi", "rmse", "rmse_by_step"}
     assert len(m["rmse_by_step"]) == 10 and result["primary"] == "rmse"
-    assert set(result["baselines"]) == {"persistence", "seasonal_naive", "climatology"}
+    # 32 steps of 10 days hold no value from a year earlier: no seasonal naive.
+    assert set(result["baselines"]) == {"persistence", "climatology"}
     # Persistence by hand from the test split.
     task = tasks.get_task("pastis_forecast")
     test = tasks.read_splits(cfg, task, ["series"], ["test"])[0]["test"]
     truth = test.target + test.base[..., None]
     rmse = float(np.sqrt(((truth - test.base[..., None]) ** 2).mean()))
     assert result["baselines"]["persistence"]["rmse"] == pytest.approx(rmse, rel=1e-6)
-    window = test.inputs["series"]
-    seasonal = float(np.sqrt(((truth - window[..., -10:]) ** 2).mean()))
-    assert result["baselines"]["seasonal_naive"]["rmse"] == pytest.approx(seasonal, rel=1e-6)
+
+
+def test_seasonal_naive_forecasts_the_value_one_year_earlier_on_the_grid(pastis, tmp_path):
+    cfg = ft_config("pastis_forecast", tmp_path / "r", pastis)
+    assert tasks.season_steps(cfg) == 37  # a year of the fixture's 10-day grid
+    rng = np.random.default_rng(0)
+    window, future = rng.random((6, 3, 40)), rng.random((6, 3, 5))
+    base = window[..., -1]
+    keys = [f"p{i}" for i in range(6)]
+    test = tasks.SplitData({}, future - base[..., None], keys, base, {}, window)
+    ft = OmegaConf.create({"horizon": 5})
+    task = tasks.get_task("pastis_forecast")
+    out = task.baselines(test, test, ft, season=37)
+    # Steps 40..44 are forecast by steps 3..7: one season (37 steps) earlier.
+    expected = float(np.sqrt(((future - window[..., 3:8]) ** 2).mean()))
+    assert out["seasonal_naive"]["rmse"] == pytest.approx(expected, rel=1e-9)
+    assert "seasonal_naive" not in task.baselines(test, test, ft, season=41)  # window too short
+    assert "seasonal_naive" not in task.baselines(test, test, ft, season=None)  # period unknown
 
 
 def test_label_fraction_trains_on_a_subset(pastis, pimc_run, tmp_path):
@@ -255,6 +288,21 @@ def test_label_fraction_trains_on_a_subset(pastis, pimc_run, tmp_path):
     assert finetune.main(cfg) == 0
     samples = read_result(run)["samples"]
     assert samples["train_labelled"] == round(0.1 * samples["train"])
+
+
+def test_one_percent_of_the_labels_leaves_one_training_pixel_and_still_scores(
+    pastis, pimc_run, tmp_path
+):
+    run = tmp_path / "run"
+    cfg = ft_config(
+        "pastis_pixel_cls", run, pastis, f"finetune.ckpt={pimc_run}",
+        "finetune.label_fraction=0.01",
+    )  # fmt: skip
+    assert finetune.main(cfg) == 0
+    result = read_result(run)
+    assert result["samples"]["train"] == 96 and result["samples"]["train_labelled"] == 1
+    assert result["label_fraction"] == 0.01
+    assert np.isfinite(result["metrics"]["oa"]) and result["metrics"]["n"] == 32
 
 
 def test_eurosat_linear_probe_with_the_rsi_encoder_on_ten_of_thirteen_bands(pimc_run, tmp_path):
@@ -313,6 +361,64 @@ def test_sen12ms_multilabel_with_both_modalities(tmp_path):
         finetune.main(none)
 
 
+@pytest.fixture(scope="module")
+def reben_like(tmp_path_factory) -> Path:
+    """A MoSAiC shard set in reBEN's format (19 classes, 12 S2 + 2 S1 bands, official splits):
+    60/20/20 patches of 16 px, labels brightening S2 bands; the last class never occurs."""
+    from pimc_dist.samples import mosaic_sample
+    from pimc_dist.sources.base import MultimodalPatch
+    from pimc_dist.sources.reben import CLASSES, S1_BANDS, S2_BANDS
+
+    out = tmp_path_factory.mktemp("ft_reben") / "shards"
+    rng = np.random.default_rng(5)
+    splits = ["train"] * 60 + ["validation"] * 20 + ["test"] * 20
+    with shardio.ShardSetWriter(
+        out, classes=CLASSES, source="reben", kind="mosaic", max_samples=32
+    ) as writer:
+        for i, split in enumerate(splits):
+            labels = (rng.random(len(CLASSES)) < 0.25).astype(np.uint8)
+            labels[-1] = 0
+            s2 = rng.normal(1000, 100, (12, 16, 16)) + 400.0 * labels[:12, None, None]
+            patch = MultimodalPatch(
+                patch_id=f"S2A_T33_{i:03d}", s2=s2.astype(np.float32), s2_bands=list(S2_BANDS),
+                s1=rng.normal(-12, 2, (2, 16, 16)).astype(np.float32), s1_bands=list(S1_BANDS),
+                labels=labels, dataset="reben", split=split,
+            )  # fmt: skip
+            writer.write(mosaic_sample(patch, list(CLASSES)))
+    return out
+
+
+def reben_config(run: Path, shards: Path, *overrides: str):
+    return ft_config(
+        "reben_multilabel", run, shards, "finetune.init=random", "model.views.s2.width=8",
+        "model.views.s1.width=8", *overrides,
+    )  # fmt: skip
+
+
+def test_reben_multilabel_probe_scores_19_classes_and_skips_one_without_positives(
+    reben_like, tmp_path
+):
+    from pimc_dist.sources.reben import CLASSES
+
+    run = tmp_path / "run"
+    assert finetune.main(reben_config(run, reben_like, "finetune.inputs=[s2,s1]")) == 0
+    result = read_result(run)
+    assert result["samples"] == {"train": 60, "val": 20, "test": 20, "train_labelled": 60}
+    m = result["metrics"]
+    assert {"map_macro", "map_micro", "f1_macro", "f1_micro"} <= set(m) and m["n"] == 20
+    assert list(m["per_class_ap"]) == list(CLASSES)
+    assert np.isnan(m["per_class_ap"][CLASSES[-1]]) and m["n_classes_scored"] <= 18
+    assert 0.0 < m["map_macro"] <= 1.0
+
+
+def test_reben_multilabel_at_one_percent_of_the_labels(reben_like, tmp_path):
+    run = tmp_path / "run"
+    assert finetune.main(reben_config(run, reben_like, "finetune.label_fraction=0.01")) == 0
+    result = read_result(run)
+    assert result["samples"]["train_labelled"] == 1  # round(0.6), at least one
+    assert np.isfinite(result["metrics"]["map_macro"])
+
+
 # --- full fine-tuning through DeepSpeed ----------------------------------------------------
 
 
@@ -337,6 +443,56 @@ def test_finetune_protocol_trains_through_deepspeed_from_the_command_line(
     assert result["report"]["steps"] == 2 * (96 // 32)
     assert np.isfinite(result["metrics"]["rmse"])
     assert f"result: {run / 'result.json'}" in proc.stdout
+
+
+@pytest.fixture
+def restore_rank_env():
+    """Training joins a one-process group in this process, and exports the torchrun variables
+    (RANK, WORLD_SIZE, ...): take them back afterwards, so later subprocesses do not inherit them."""
+    from pimc_dist.distributed import RANK_VARIABLES
+
+    names = (*RANK_VARIABLES, "MASTER_ADDR", "MASTER_PORT")
+    saved = {name: os.environ.get(name) for name in names}
+    yield
+    for name, value in saved.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+
+
+class RecordingTracker(tracking.Tracker):
+    """The real tracker (W&B off), keeping the images it is asked to send."""
+
+    images: dict[str, np.ndarray] = {}
+
+    def log_images(self, images, step):
+        RecordingTracker.images = dict(images)
+        super().log_images(images, step)
+
+
+@pytest.mark.parametrize(
+    ("task", "primary"), [("pastis_forecast", "rmse"), ("pastis_pixel_cls", "miou")]
+)
+def test_cnn1d_baseline_trains_on_the_raw_series_and_sends_its_pictures(
+    pastis, tmp_path, monkeypatch, restore_rank_env, task, primary
+):
+    monkeypatch.setattr(tracking, "Tracker", RecordingTracker)
+    run = tmp_path / "run"
+    cfg = ft_config(
+        task, run, pastis, "finetune.protocol=cnn1d", "finetune.epochs=2", "train.batch_size=32"
+    )
+    assert finetune.main(cfg) == 0
+    result = read_result(run)
+    assert result["protocol"] == "cnn1d" and result["init"] == "none"
+    assert result["inputs"] == ["series"] and result["weights"] is None
+    assert [h["epoch"] for h in result["history"]] == [1, 2]
+    assert result["report"]["steps"] == 2 * (96 // 32) and np.isfinite(result["metrics"][primary])
+    assert (run / "curves.png").read_bytes()[:4] == b"\x89PNG"
+    pictures = {"curves"} | ({"confusion_matrix"} if task == "pastis_pixel_cls" else set())
+    assert set(RecordingTracker.images) == pictures
+    if task == "pastis_forecast":
+        assert set(result["baselines"]) == {"persistence", "climatology"}
 
 
 def test_feature_norm_trains_on_a_batch_of_one_with_running_statistics():
@@ -398,11 +554,51 @@ def test_missing_shards_and_unknown_task_fail_the_config_check(tmp_path, pimc_ru
     cfg = ft_config(
         "pastis_pixel_cls", tmp_path / "r", tmp_path / "nothing", f"finetune.ckpt={pimc_run}"
     )
-    with pytest.raises(config_lib.ConfigError, match="no shard set for the train split"):
+    with pytest.raises(
+        config_lib.ConfigError,
+        match="no shard set for the train split.*make one with python -m pimc_dist.shard",
+    ):
         finetune.check_config(cfg)
     bad_task = ft_config("pastis_pixel_cls", tmp_path / "r", tmp_path, "finetune.task=mnist")
     with pytest.raises(config_lib.ConfigError, match="unknown task 'mnist'"):
         finetune.check_config(bad_task)
+
+
+def test_run_folder_holding_a_pretraining_run_is_refused(pastis, pimc_run):
+    cfg = ft_config("pastis_pixel_cls", pimc_run, pastis, f"finetune.ckpt={pimc_run}")
+    with pytest.raises(config_lib.ConfigError, match="holds a pretraining run"):
+        finetune.main(cfg)
+    assert (pimc_run / "config.yaml").read_text() == config_lib.to_yaml(
+        config_lib.load(pimc_run / "job.yaml", [f"train.run_dir={pimc_run}"])
+    )
+
+
+def test_run_folder_holding_a_different_fine_tuning_is_refused_and_kept(pastis, pimc_run, tmp_path):
+    run = tmp_path / "run"
+    earlier = ft_config("pastis_pixel_cls", run, pastis, f"finetune.ckpt={pimc_run}")
+    config_lib.save(earlier, run / "config.yaml")
+    (run / "result.json").write_text('{"status": "ok"}')
+    other = ft_config(
+        "pastis_pixel_cls", run, pastis, f"finetune.ckpt={pimc_run}", "finetune.label_fraction=0.1"
+    )
+    with pytest.raises(
+        config_lib.ConfigError,
+        match=r"already holds a different run \(finetune.label_fraction: 1.0 there, 0.1 now\)",
+    ):
+        finetune.main(other)
+    assert (run / "result.json").read_text() == '{"status": "ok"}'
+    assert config_lib.load(run / "config.yaml").finetune.label_fraction == 1.0
+    # The same run with other training settings may run there again.
+    finetune.check_config(
+        ft_config(
+            "pastis_pixel_cls", run, pastis, f"finetune.ckpt={pimc_run}", "finetune.probe_epochs=3"
+        )
+    )
+    sweep_folder = tmp_path / "sweep"
+    (sweep_folder / "cells").mkdir(parents=True)
+    swept = ft_config("pastis_pixel_cls", sweep_folder, pastis, f"finetune.ckpt={pimc_run}")
+    with pytest.raises(config_lib.ConfigError, match="holds a sweep run"):
+        finetune.check_config(swept)
 
 
 def test_corrupt_feature_cache_is_recomputed_with_a_warning(pastis, pimc_run, tmp_path, capsys):

@@ -27,8 +27,10 @@ REPO = Path(__file__).resolve().parents[1]
 TESTS = Path(__file__).resolve().parent
 
 
-def run_cli(*args: str, cwd: Path, timeout: int = 180) -> subprocess.CompletedProcess:
-    env = dict(os.environ)
+def run_cli(
+    *args: str, cwd: Path, timeout: int = 180, extra_env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
+    env = dict(os.environ, **(extra_env or {}))
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), str(TESTS), env.get("PYTHONPATH", "")])
     return subprocess.run(
         [sys.executable, "-m", "pimc_dist.launch", *args],
@@ -163,6 +165,80 @@ def test_several_nodes_with_local_cluster_is_an_error(tmp_path, capsys):
     assert "a local run uses one node" in capsys.readouterr().err
 
 
+def test_gpus_asked_for_where_there_are_none_name_their_origin_and_the_fix(
+    tmp_path, monkeypatch, capsys
+):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    yaml = tmp_path / "job.yaml"
+    yaml.write_text("launch:\n  gpus_per_node: 4\n")
+    run_dir = f"train.run_dir={tmp_path / 'run'}"
+    assert launch.main(["diagnose", "--cluster", "local", "--config", str(yaml), run_dir]) == 2
+    err = capsys.readouterr().err
+    assert f"launch.gpus_per_node: 4 in {yaml}: this machine has 0 GPU(s)" in err
+    assert "--gpus-per-node 0 --tasks-per-node 2" in err and "launch.gpus_per_node: 0" in err
+    assert "--cluster slurm" in err
+    assert launch.main(["diagnose", "--cluster", "local", "--gpus-per-node", "2", run_dir]) == 2
+    assert "--gpus-per-node 2 (command line): this machine has 0 GPU(s)" in capsys.readouterr().err
+    assert launch.main(["diagnose", "--cluster", "local", "launch.gpus_per_node=1", run_dir]) == 2
+    assert "launch.gpus_per_node=1 (command line)" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_wandb_online_without_a_key_is_refused_before_submission(tmp_path, monkeypatch, capsys):
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc with a key
+    run_dir = tmp_path / "run"
+    code = launch.main(
+        ["pretrain", "--cluster", "local", "tracking.mode=online", f"train.run_dir={run_dir}"]
+    )
+    err = capsys.readouterr().err
+    assert code == 2 and "nothing submitted" in err and "'tracking.mode'" in err
+    assert "wandb login" in err and "WANDB_API_KEY" in err and "tracking.mode=offline" in err
+    assert not run_dir.exists()
+    # With a key it gets past this check, to the next one (no shards there).
+    monkeypatch.setenv("WANDB_API_KEY", "k" * 40)
+    code = launch.main(
+        ["pretrain", "--cluster", "local", "--config", str(TINY), "tracking.mode=online"]
+        + [f"train.run_dir={run_dir}", f"loader.shards={tmp_path / 'nowhere'}"]
+    )
+    err = capsys.readouterr().err
+    assert code == 2 and "no shards found" in err and "tracking.mode" not in err
+    # Jobs that log nothing to W&B are not held to it.
+    monkeypatch.delenv("WANDB_API_KEY")
+    code = launch.main(
+        [
+            "diagnose",
+            "--cluster",
+            "local",
+            "--dry-run",
+            "tracking.mode=online",
+            f"train.run_dir={run_dir}",
+        ]
+    )
+    assert code == 0
+
+
+def test_cluster_auto_without_slurm_dry_run_says_it_would_run_locally(
+    tmp_path, monkeypatch, capsys
+):
+    monkeypatch.setattr(launch, "slurm_available", lambda: False)
+    args = ["diagnose", "--dry-run", "--tasks-per-node", "1", f"train.run_dir={tmp_path / 'run'}"]
+    assert launch.main(args) == 0
+    out = capsys.readouterr().out
+    assert "# resolved config (diagnose job, cluster local)" in out
+    assert "--cluster auto: no reachable Slurm here" in out and "would run on this machine" in out
+    assert "--cluster slurm --dry-run prints the sbatch script" in out
+    assert "# local run: submitit LocalExecutor, 1 task(s) on this machine" in out
+    assert "#SBATCH" not in out
+    monkeypatch.setattr(launch, "slurm_available", lambda: True)
+    assert launch.main(args) == 0
+    out = capsys.readouterr().out
+    assert "cluster slurm" in out and "#SBATCH --ntasks-per-node=1" in out
+    assert not (tmp_path / "run").exists()
+
+
 def test_job_kind_without_its_module_is_not_available_yet(monkeypatch, capsys):
     monkeypatch.setitem(launch.KINDS, "ghost", "pimc_dist.no_such_module")
     assert launch.main(["ghost", "--cluster", "local", "--dry-run"]) == 2
@@ -247,6 +323,38 @@ def test_help_shows_flags_and_an_example():
         assert text in out
 
 
+def test_pretrain_help_shows_an_example(capsys):
+    from pimc_dist import pretrain
+
+    with pytest.raises(SystemExit) as exit_info:
+        pretrain.parse_args(["--help"])
+    assert exit_info.value.code == 0
+    assert (
+        "example: python -m pimc_dist.pretrain --config configs/pretrain/"
+        in capsys.readouterr().out
+    )
+
+
+def test_wandb_line_names_the_run_where_it_is_known(tmp_path):
+    cfg = launch.load_job_config(None, [f"train.run_dir={tmp_path}"])
+    before = launch.describe_wandb(cfg, tmp_path)
+    assert before.startswith(str(tmp_path / "wandb")) and "chosen when the job starts" in before
+    older = tmp_path / "wandb" / "offline-run-20250101_120000-abc123"
+    newer = tmp_path / "wandb" / "offline-run-20250102_090000-def456"
+    for folder in (newer, older):
+        folder.mkdir(parents=True)
+    assert launch.describe_wandb(cfg, tmp_path) == (
+        f"offline run def456 (the latest there): {newer} (upload: wandb sync {newer})"
+    )
+    (tmp_path / "wandb" / "run-20250103_080000-0a1b2c3d").mkdir()
+    online = launch.load_job_config(
+        None, [f"train.run_dir={tmp_path}", "tracking.mode=online", "tracking.entity=lab"]
+    )
+    assert launch.describe_wandb(online, tmp_path).startswith("run lab/pimc_dist/0a1b2c3d ")
+    off = launch.load_job_config(None, [f"train.run_dir={tmp_path}", "tracking.wandb=false"])
+    assert launch.describe_wandb(off, tmp_path).startswith("off ")
+
+
 # ---------------------------------------------------------------------------
 # Real local jobs (submitit LocalExecutor, same code path as Slurm)
 
@@ -264,9 +372,12 @@ def test_local_diagnose_with_two_ranks_reports_both(tmp_path):
         "--wait",
         f"train.run_dir={run_dir}",
         cwd=tmp_path,
+        # Launched from inside another job's rank: the tasks must not take its place.
+        extra_env={"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0"},
     )
     assert result.returncode == 0, result.stdout + result.stderr
     out = result.stdout
+    assert "ignoring inherited RANK, WORLD_SIZE, LOCAL_RANK" in out
     assert "submitted diagnose job" in out and f"run folder: {run_dir}" in out
     assert "diagnose: 2 ranks on 1 node(s)" in out
     assert "all_reduce(sum of ranks) = 1, expected 1: OK" in out
@@ -431,6 +542,27 @@ def test_resubmitting_a_different_run_into_a_run_folder_is_refused(tmp_path, tin
     assert launch.main([*common, "--dry-run", "train.lr=1e-4"]) == 0
 
 
+def test_cluster_auto_without_slurm_runs_the_job_locally(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(launch, "slurm_available", lambda: False)
+    run_dir = tmp_path / "run"
+    code = launch.main(["diagnose", "--wait", "--tasks-per-node", "1", f"train.run_dir={run_dir}"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "to this machine (submitit LocalExecutor): 1 task(s)" in out
+    assert "diagnose: 1 ranks on 1 node(s)" in out and "ended: FINISHED, exit status 0" in out
+
+
+def test_pretrain_without_shards_names_the_command_that_makes_them(tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    code = launch.main(
+        ["--cluster", "local", "--config", str(TINY), f"train.run_dir={run_dir}"]
+        + [f"loader.shards={tmp_path / 'nowhere'}"]
+    )
+    err = capsys.readouterr().err
+    assert code == 2 and f"no shards found at {tmp_path / 'nowhere'}" in err
+    assert "python -m pimc_dist.shard --config" in err and not run_dir.exists()
+
+
 def test_local_pretrain_with_two_ranks_writes_checkpoint_metrics_and_wandb(tmp_path, tiny_shards):
     run_dir = tmp_path / "run"
     result = run_cli(
@@ -460,7 +592,10 @@ def test_local_pretrain_with_two_ranks_writes_checkpoint_metrics_and_wandb(tmp_p
     assert (run_dir / "checkpoints" / "latest").read_text() == "step00000004"
     state = json.loads((run_dir / "checkpoints/step00000004/client_state.json").read_text())
     assert state["world_size"] == 2 and state["samples_seen"] == 256
-    assert list((run_dir / "wandb").glob("offline-run-*/run-*.wandb"))
+    wandb_runs = list((run_dir / "wandb").glob("offline-run-*"))
+    assert len(wandb_runs) == 1 and list(wandb_runs[0].glob("run-*.wandb"))
+    run_id = wandb_runs[0].name.rsplit("-", 1)[1]
+    assert f"W&B:        offline run {run_id} (the latest there): {wandb_runs[0]}" in out
     assert (run_dir / "encoders.safetensors").is_file()
     job_id = out.split("submitted pretrain job ")[1].split()[0]
     assert rank_hosts(run_dir / "slurm" / job_id).keys() == {0, 1}

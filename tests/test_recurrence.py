@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from pimc_dist import recurrence
 from pimc_dist.recurrence import (
     default_max_distance,
     plot_size,
@@ -152,6 +153,91 @@ def test_integer_series_equal_pyts():
     )
 
 
+@pytest.mark.parametrize("threshold", THRESHOLDS)
+def test_float32_and_strided_series_equal_pyts(threshold):
+    # The kernels read float32 and float64 series as they are, and any layout made contiguous.
+    series = _random_series(n=6, t=80)
+    for variant in (series.astype(np.float32), series[:, ::2], series[:, :40].T.copy().T):
+        ours = recurrence_plot(variant, threshold=threshold, percentage=15, dimension=2)
+        theirs = _pyts(variant, threshold=threshold, percentage=15, dimension=2)
+        np.testing.assert_array_equal(ours, theirs.astype(np.float32))
+        plot8 = recurrence_plot_uint8(variant, dimension=2)
+        np.testing.assert_array_equal(plot8, _reference_uint8(variant, 2 * math.sqrt(2), 2))
+
+
+# 'point' percentages at numpy's edge cases: 0 and 100, gamma exactly 0.5, a numpy float32
+# percentage (numpy then interpolates with a float32 weight), an int, tiny and near-100 ones.
+PERCENTAGES = [0, 1e-9, 7, 12.5, 50, 99.99, 100, np.float32(12.3), np.float64(33.3)]
+
+
+@pytest.mark.parametrize("percentage", PERCENTAGES)
+def test_point_and_distance_thresholds_equal_pyts_at_edge_percentages(percentage):
+    # Integer series: many tied distances, so order statistics sit on runs of equal values.
+    tied = np.random.default_rng(9).integers(-3, 4, size=(8, 13))
+    for series in (_random_series(n=8, t=21), tied):
+        for threshold in ("point", "distance"):
+            ours = recurrence_plot(series, threshold=threshold, percentage=percentage)
+            theirs = _pyts(series, threshold=threshold, percentage=percentage)
+            np.testing.assert_array_equal(ours, theirs.astype(np.float32))
+
+
+@pytest.mark.parametrize("n_timestamps", [1, 2, 3, 4])
+@pytest.mark.parametrize("threshold", ["point", "distance"])
+def test_thresholds_of_tiny_plots_equal_pyts(n_timestamps, threshold):
+    series = _random_series(n=5, t=n_timestamps)
+    for percentage in (0, 30, 50, 80, 100):
+        ours = recurrence_plot(series, threshold=threshold, percentage=percentage)
+        theirs = _pyts(series, threshold=threshold, percentage=percentage)
+        np.testing.assert_array_equal(ours, theirs.astype(np.float32))
+
+
+@pytest.mark.parametrize("n_values", [1, 2, 3, 57 * 57, 61 * 61])
+@pytest.mark.parametrize("percentage", PERCENTAGES)
+def test_percentile_weights_reproduce_np_percentile(n_values, percentage):
+    values = np.sort(np.random.default_rng(10).exponential(size=n_values))
+    lo, hi, gamma, one_minus_gamma = recurrence._percentile_weights(n_values, percentage)
+    a, b = values[lo], values[hi]
+    ours = b - (b - a) * one_minus_gamma if gamma >= 0.5 else a + (b - a) * gamma
+    assert ours == np.percentile(values, percentage)
+
+
+def _order_statistic_cases() -> list[np.ndarray]:
+    rng = np.random.default_rng(11)
+    return [
+        rng.uniform(size=300),
+        rng.integers(0, 5, size=300).astype(np.float64),  # ties across bins
+        np.full(40, 0.25),  # one value: no bin scale
+        np.concatenate([rng.uniform(size=30), [np.inf, np.inf]]),  # infinite range
+        np.array([0.0, 5e-324, 1e-323, 5e-324]),  # subnormal range: infinite scale
+        np.concatenate([np.zeros(200), rng.uniform(size=5), [1e6]]),  # crowded first bin
+        np.array([3.0]),
+    ]
+
+
+@pytest.mark.parametrize("case", range(len(_order_statistic_cases())))
+def test_order_statistics_equal_sorting(case):
+    values = _order_statistic_cases()[case]
+    expected = np.sort(values)
+    counts = np.zeros(recurrence._PERCENTILE_BINS, dtype=np.int64)
+    for rank in range(len(values)):
+        for next_rank in {rank, min(rank + 1, len(values) - 1)}:
+            scratch = values.copy()
+            got = recurrence._order_statistics(
+                scratch, rank, next_rank, counts, np.zeros_like(values)
+            )
+            assert got == (expected[rank], expected[next_rank])
+            np.testing.assert_array_equal(np.sort(scratch), expected)  # reordered, not changed
+
+
+def test_select_places_every_rank():
+    values = np.random.default_rng(12).integers(0, 9, size=101).astype(np.float64)
+    for k in range(len(values)):
+        scratch = values.copy()
+        recurrence._select(scratch, k)
+        assert scratch[k] == np.sort(values)[k]
+        assert scratch[:k].max(initial=-1) <= scratch[k] <= scratch[k + 1 :].min(initial=99)
+
+
 def test_out_array_is_filled_and_returned():
     series = _random_series(n=4)
     out = np.full((4, 61, 61), -1.0, dtype=np.float32)
@@ -178,6 +264,8 @@ def test_parallel_kernels_equal_serial_kernels():
             numba.set_num_threads(threads)
             results[threads] = (
                 recurrence_plot(series, dimension=2),
+                recurrence_plot(series, threshold="point", percentage=30),
+                recurrence_plot(series, threshold="distance", percentage=30),
                 recurrence_plot_uint8(series),
                 recurrence_plot_uint8(series, size=24, dimension=3),
                 resize_plot(recurrence_plot(series), 17),
@@ -322,6 +410,20 @@ def test_torch_float_plot_equals_pyts_distances():
     np.testing.assert_allclose(resized.numpy(), expected, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("size", [None, 48])
+def test_torch_uint8_on_the_gpu_equals_numpy_uint8(size):
+    """The plots built inside the training step (loader.rp_on_the_fly=gpu) match stored ones."""
+    series = np.random.default_rng(9).uniform(-1, 1, size=(256, 3, 61)).astype(np.float16)
+    expected = recurrence_plot_uint8(series, size=size)
+    ours = recurrence_plot_torch(torch.from_numpy(series).cuda(), size=size)
+    assert ours.device.type == "cuda" and ours.dtype == torch.uint8
+    # One rounding step at most: CUDA may fuse the float32 operations differently.
+    diff = np.abs(ours.cpu().numpy().astype(int) - expected.astype(int))
+    assert diff.max() <= 1 and (diff == 0).mean() > 0.99
+
+
 # ---------------------------------------------------------------------------------------------
 # parameters and bad input
 # ---------------------------------------------------------------------------------------------
@@ -350,6 +452,30 @@ def test_bad_series_are_rejected(series, error, match):
         recurrence_plot(series)
     with pytest.raises(error, match=match):
         recurrence_plot_uint8(series)
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda x: recurrence_plot(x, dimension=2),
+        lambda x: recurrence_plot(x, threshold="point"),
+        lambda x: recurrence_plot(x, threshold="distance"),
+        lambda x: recurrence_plot(x, threshold=0.3),
+        lambda x: recurrence_plot_uint8(x, dimension=3),
+        lambda x: recurrence_plot_uint8(x, size=7),
+        lambda x: recurrence_plot_uint8(x, threshold="point"),
+        lambda x: recurrence_plot_uint8(x.astype(np.float16)),
+    ],
+)
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_non_finite_values_are_rejected_on_every_path(call, bad):
+    # The kernels check each series as they read it; 100 series run the parallel kernels.
+    series = np.random.default_rng(13).uniform(-1, 1, size=(100, 2, 12)).astype(np.float32)
+    series[71, 1, 5] = bad
+    with pytest.raises(ValueError, match="NaN or infinite.*index \\(71, 1, 5\\)"):
+        call(series)
+    with pytest.raises(ValueError, match="NaN or infinite.*index \\(71, 1, 5\\)"):
+        call(series.astype(np.float64))
 
 
 @pytest.mark.parametrize(

@@ -205,6 +205,23 @@ def test_pimc_samples_one_per_sampled_pixel_with_all_views(pastis):
         assert sample["__key__"] == f"{patch.patch_id}_r{r:04d}_c{c:04d}"
 
 
+def test_pastis_r_samples_add_the_s1_crop_of_each_orbits_median(tmp_path):
+    root = write_pastis(tmp_path, n_patches=1, size=24, seed=4, with_s1=True)
+    patch = PastisSource(root, with_s1=True)[0]
+    made, _ = pimc_samples(patch, SAMPLING)
+    plain, _ = pimc_samples(PastisSource(root)[0], SAMPLING)
+    assert [s["__key__"] for s in made] == [s["__key__"] for s in plain]  # the same pixels
+    raw = [np.load(root / f"DATA_{o}" / f"{o}_{patch.patch_id}.npy") for o in ("S1A", "S1D")]
+    for sample in made:
+        r, c = sample["json"]["row"], sample["json"]["col"]
+        assert sample["s1.npy"].shape == (6, 8, 8) and sample["s1.npy"].dtype == np.float32
+        centre = np.concatenate([np.median(a[:, :, r, c], axis=0) for a in raw])
+        np.testing.assert_allclose(sample["s1.npy"][:, 4, 4], centre, rtol=1e-6)
+        assert sample["json"]["s1_bands"][:3] == ["S1A_VV", "S1A_VH", "S1A_VV/VH"]
+        assert sample["json"]["s1_bands"][3] == "S1D_VV"
+    assert "s1.npy" not in plain[0]
+
+
 def test_rp_size_resizes_the_plots(pastis):
     made, _ = pimc_samples(PastisSource(pastis)[0], PixelSampling(pixels_per_patch=3, rp_size=16))
     assert made[0]["rp.png"].shape == (3, 16, 16)
@@ -251,7 +268,7 @@ def _mosaic(**changes) -> MultimodalPatch:
     rng = np.random.default_rng(2)
     fields = dict(
         patch_id="S2A_MSIL2A_20170613T101031_N9999_R022_T33UUP_26.57",
-        s2=rng.random((12, 8, 8), dtype=np.float32),
+        s2=rng.integers(0, 20000, (12, 8, 8), dtype=np.uint16),
         s2_bands=[f"B{i}" for i in range(12)],
         s1=-rng.random((2, 8, 8), dtype=np.float32) * 20,
         s1_bands=["VV", "VH"],
@@ -263,14 +280,22 @@ def _mosaic(**changes) -> MultimodalPatch:
     return MultimodalPatch(**fields)
 
 
-def test_mosaic_sample_has_float16_views_and_multi_hot_labels():
-    patch = _mosaic()
+@pytest.mark.parametrize("s2_dtype", [np.uint16, np.float32])  # nearest / bilinear resampling
+def test_mosaic_sample_keeps_the_reader_arrays_exactly_with_multi_hot_labels(s2_dtype):
+    rng = np.random.default_rng(5)
+    s2 = rng.integers(0, 20000, (12, 8, 8)).astype(s2_dtype) + (
+        0.37 if s2_dtype == np.float32 else 0
+    )
+    # Values float16 would round: DN above 2048 and dB with more than 3 significant digits.
+    patch = _mosaic(s2=s2.astype(s2_dtype), s1=np.full((2, 8, 8), -12.3456, np.float32))
     sample = mosaic_sample(patch, ["a", "b", "c", "d"])
     assert sample["__key__"] == "S2A_MSIL2A_20170613T101031_N9999_R022_T33UUP_26_57"
-    np.testing.assert_array_equal(sample["s2.npy"], patch.s2.astype(np.float16))
-    np.testing.assert_array_equal(sample["s1.npy"], patch.s1.astype(np.float16))
+    for view, array in (("s2.npy", patch.s2), ("s1.npy", patch.s1)):
+        assert sample[view].dtype == array.dtype
+        assert sample[view].tobytes() == array.tobytes()
     assert sample["json"]["labels"] == [0, 1, 0, 1]
     assert sample["json"]["label_names"] == ["b", "d"]
+    assert sample["json"]["s2_dn_scale"] == 10000.0
     assert sample["json"]["patch"] == patch.patch_id  # the real id, unchanged
 
 
@@ -278,7 +303,7 @@ def test_mosaic_sample_has_float16_views_and_multi_hot_labels():
     "changes, message",
     [
         ({"s1": np.full((2, 8, 8), np.nan, np.float32)}, "s1 has NaN"),
-        ({"s2": np.full((12, 8, 8), 1e6, np.float32)}, "beyond the float16 range"),
+        ({"s2": np.full((12, 8, 8), np.inf, np.float32)}, "s2 has NaN or infinite"),
         ({"labels": np.array([0, 1, 0], np.uint8)}, "labels must be a \\(4,\\) 0/1 vector"),
         ({"labels": np.array([0, 2, 0, 0], np.uint8)}, "0/1 vector"),
     ],

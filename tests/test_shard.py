@@ -7,6 +7,7 @@ import hashlib
 import importlib.util
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -195,7 +196,7 @@ def test_cli_shards_read_back_exactly(name, tmp_path, pastis, capsys):
         for sample in decoded:
             labels = sample["json"]["labels"]
             assert len(labels) == len(manifest.classes) and set(labels) <= {0, 1}
-            assert sample["s2.npy"].dtype == sample["s1.npy"].dtype == np.float16
+            assert sample["s2.npy"].dtype == np.uint16 and sample["s1.npy"].dtype == np.float32
         if name == "reben":
             assert decoded[0]["s2.npy"].shape == (12, 120, 120)
             assert decoded[0]["s1.npy"].shape == (2, 120, 120)
@@ -204,6 +205,161 @@ def test_cli_shards_read_back_exactly(name, tmp_path, pastis, capsys):
         assert len({p for p, _ in rows}) == 16
         assert all(s["json"]["dates"][0] == "2018-04-29" for s in decoded)
         assert any(s["json"]["crop_padded"] for s in decoded)
+
+
+def _raw_reben(root: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """patch_id -> (S2 DN at 120 px by pixel repetition, S1 VV/VH), straight from the LMDB."""
+    import pyarrow.parquet as pq
+    from safetensors.numpy import load
+
+    from pimc_dist.sources.reben import LMDB_DIR, open_lmdb
+
+    rows = pq.read_table(root / "metadata.parquet").to_pylist()
+    rows += pq.read_table(
+        root / "metadata_for_patches_with_snow_cloud_or_shadow.parquet"
+    ).to_pylist()
+    bands = ("B01", "B02", "B03", "B04", "B05", "B06", "B07", "B08", "B8A", "B09", "B11", "B12")
+    out = {}
+    with open_lmdb(root / LMDB_DIR).begin() as txn:
+        for row in rows:
+            s2 = load(txn.get(row["patch_id"].encode()))
+            s1 = load(txn.get(row["s1_name"].encode()))
+            grid = [np.kron(s2[b], np.ones((120 // len(s2[b]),) * 2, s2[b].dtype)) for b in bands]
+            out[row["patch_id"]] = (np.stack(grid), np.stack([s1["VV"], s1["VH"]]))
+    return out
+
+
+def _raw_sen12ms(root: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """patch id -> (S2, S1) as (C, H, W), straight from the GeoTIFFs."""
+    import tifffile
+
+    out = {}
+    for s2_path in sorted(root.glob("ROIs*/s2_*/*.tif")):
+        s1_path = Path(str(s2_path).replace("/s2_", "/s1_").replace("_s2_", "_s1_"))
+        season, rest = s2_path.stem.split("_s2_")
+        out[f"{season}_{rest}"] = tuple(
+            np.moveaxis(tifffile.imread(p), -1, 0) for p in (s2_path, s1_path)
+        )
+    return out
+
+
+@pytest.mark.parametrize("name", ["reben", "sen12ms"])
+def test_mosaic_shards_hold_the_raw_file_values_exactly(name, tmp_path, pastis, capsys):
+    root, config, extra = _dataset(name, tmp_path, pastis)
+    out = tmp_path / "shards"
+    code, _, err = _run(capsys, *_args(out, root, *extra, config=config))
+    assert code == 0, err
+    raw = _raw_reben(root) if name == "reben" else _raw_sen12ms(root)
+    decoded = decode_set(out)
+    assert len(decoded) == (18 if name == "reben" else len(raw))  # reben.yaml drops snow/cloud
+    for sample in decoded:
+        s2, s1 = raw[sample["json"]["patch"]]
+        for suffix, want in (("s2.npy", s2), ("s1.npy", s1)):
+            got = sample[suffix]
+            assert got.dtype == want.dtype and got.tobytes() == want.tobytes(), suffix
+        assert sample["json"]["s2_dn_scale"] == 10000.0
+
+
+def test_reader_options_reach_the_readers_from_the_cli(tmp_path, capsys):
+    """EuroSAT RGB, reBEN bilinear, PASTIS-R S1 crops: each only through data.* overrides."""
+    from PIL import Image
+
+    write_eurosat(tmp_path / "EuroSAT", per_class=1, size=16, multispectral=False)
+    out = tmp_path / "rgb"
+    argv = _args(out, tmp_path / "EuroSAT", "data.eurosat_bands=rgb", config="eurosat")
+    assert _run(capsys, *argv)[0] == 0
+    decoded = decode_set(out)
+    assert len(decoded) == 10
+    for sample in decoded:
+        jpg = next((tmp_path / "EuroSAT" / "2750").rglob(sample["json"]["patch"] + ".jpg"))
+        with Image.open(jpg) as img:
+            np.testing.assert_array_equal(sample["image.npy"], np.asarray(img).transpose(2, 0, 1))
+        assert sample["image.npy"].dtype == np.uint8
+        assert sample["json"]["bands"] == ["B04", "B03", "B02"]
+
+    out = tmp_path / "bilinear"
+    argv = _args(out, configilm_mock_root(), "data.reben_resample=bilinear", config="reben")
+    assert _run(capsys, *argv)[0] == 0
+    assert read_manifest(out).views["s2"].dtype == "float32"  # interpolated DN, not rounded
+
+    root = write_pastis(tmp_path / "PASTIS-R", n_patches=2, size=16, seed=3, with_s1=True)
+    out = tmp_path / "s1"
+    argv = _args(out, root, "data.with_s1=true", "data.max_samples_per_shard=100")
+    assert _run(capsys, *argv)[0] == 0
+    for sample in decode_set(out):
+        pid, r, c = sample["json"]["patch"], sample["json"]["row"], sample["json"]["col"]
+        series = [np.load(root / f"DATA_{o}" / f"{o}_{pid}.npy") for o in ("S1A", "S1D")]
+        centre = np.concatenate([np.median(a[:, :, r, c], axis=0) for a in series])
+        np.testing.assert_allclose(sample["s1.npy"][:, 4, 4], centre, rtol=1e-6)
+
+
+STACK_DATES = ["2018-04-01", "2018-05-01", "2018-06-01", "2018-07-01"]
+
+
+def write_stacks(root: Path, n: int = 2, size: int = 20) -> list[Path]:
+    """`n` 4-date x 3-band float reflectance stacks (zlib) and a class raster for each."""
+    from pimc_dist.sources.tiff_io import write_geotiff
+
+    rng = np.random.default_rng(0)
+    paths = []
+    for k in range(n):
+        refl = rng.uniform(0.02, 0.5, (len(STACK_DATES) * 3, size, size)).astype(np.float32)
+        paths.append(write_geotiff(root / "stacks" / f"field{k}.tif", refl, compression="zlib"))
+        labels = rng.integers(0, 4, (size, size)).astype(np.uint8)
+        write_geotiff(root / "labels" / f"field{k}_classes.tif", labels)
+    return paths
+
+
+def stack_config(tmp_path: Path, root: Path, *lines: str) -> Path:
+    """A data YAML for the stacks of `write_stacks` (reflectance: data.dn_scale 1)."""
+    path = tmp_path / "stack.yaml"
+    path.write_text(
+        "data:\n  name: stack\n  source: geotiff_stack\n"
+        f"  root: {root / 'stacks' / 'field*.tif'}\n"
+        "  band_names: [B02, B04, B08]\n"
+        f"  dates: {json.dumps(STACK_DATES)}\n"
+        "  patch_size: 10\n  pixels_per_patch: 4\n  crop_size: 4\n  grid_step_days: 30\n"
+        "  max_samples_per_shard: 8\n  dn_scale: 1.0\n" + "".join(f"  {line}\n" for line in lines)
+    )
+    return path
+
+
+def test_geotiff_stack_with_label_rasters_and_reflectance_values_via_the_cli(tmp_path, capsys):
+    import tifffile
+
+    from pimc_dist.sources.geotiff_stack import GeoTiffStackSource
+
+    paths = write_stacks(tmp_path / "raw")
+    labels = f"{tmp_path / 'raw' / 'labels'}/{{stem}}_classes.tif"
+    config = stack_config(tmp_path, tmp_path / "raw", f"label_path: {labels}")
+    out = tmp_path / "s"
+    argv = ["--config", str(config), f"data.shard_dir={out}", "data.workers=1", "data.nodata=null"]
+    code, _, err = _run(capsys, *argv)
+    assert code == 0, err
+    decoded = decode_set(out)
+    assert len(decoded) == 2 * 4 * 4  # 2 stacks x 4 patches x 4 pixels
+    for sample in decoded:
+        meta = sample["json"]
+        stem, row, col = re.fullmatch(r"(.+)_r(\d+)_c(\d+)", meta["patch"]).groups()
+        row, col = int(row), int(col)
+        raster = tifffile.imread(tmp_path / "raw" / "labels" / f"{stem}_classes.tif")
+        assert meta["label"] == int(raster[row + meta["row"], col + meta["col"]])
+    # The series are those of reflectance read with dn_scale 1 (EVI and SAVI depend on it).
+    sampling = samples.PixelSampling(
+        pixels_per_patch=4, grid_step_days=30, crop_size=4, stratify=True
+    )
+    direct = GeoTiffStackSource(
+        paths, band_names=["B02", "B04", "B08"], dates=STACK_DATES, patch_size=10,
+        nodata=None, dn_scale=1.0, pad_edges=False,
+        label_path=[tmp_path / "raw" / "labels" / f"{p.stem}_classes.tif" for p in paths],
+    )  # fmt: skip
+    expected = samples.pimc_samples(direct[0], sampling)[0]
+    assert [s["__key__"] for s in decoded[:4]] == [s["__key__"] for s in expected]
+    for got, want in zip(decoded[:4], expected, strict=True):
+        np.testing.assert_array_equal(got["series.npy"], want["series.npy"])
+    direct.dn_scale = 10000.0  # the default would read these reflectances as tiny DN
+    wrong = samples.pimc_samples(direct[0], sampling)[0]
+    assert not wrong or not np.array_equal(wrong[0]["series.npy"], expected[0]["series.npy"])
 
 
 # --- the command line ---------------------------------------------------------------------
@@ -529,6 +685,80 @@ def test_unreadable_tif_is_skipped_naming_it(tmp_path, capsys):
     assert read_manifest(out).total_samples == 19
 
 
+def test_reben_band_of_the_wrong_size_is_skipped_naming_the_file(tmp_path, capsys):
+    from pimc_dist.sources.fixtures_scenes import write_reben_geotiff
+    from pimc_dist.sources.tiff_io import write_geotiff
+
+    root = tmp_path / "reBEN"
+    ids = write_reben_geotiff(configilm_mock_root(), root)
+    band = next(root.glob(f"BigEarthNet-S2/*/{ids[5]}/{ids[5]}_B05.tif"))
+    write_geotiff(band, np.zeros((50, 50), np.uint16))
+    out = tmp_path / "s"
+    argv = _args(
+        out, root, "data.drop_snow_cloud=false", "data.reben_encoding=geotiff", config="reben"
+    )
+    code, stdout, _ = _run(capsys, *argv)  # 1 of 24 patches: within the default 5 %
+    assert code == 0 and "1 patches skipped" in stdout
+    (entry,) = _skipped(out)
+    assert entry["key"] == ids[5] and str(band) in entry["reason"]
+    assert "band B05 is (50, 50), expected (60, 60)" in entry["reason"]
+    assert read_manifest(out).total_samples == 23
+
+
+def test_sen12ms_s2_of_the_wrong_size_is_skipped_naming_the_file(tmp_path, capsys):
+    from pimc_dist.sources.tiff_io import write_geotiff
+
+    root = tmp_path / "SEN12MS"
+    write_sen12ms(root, patches_per_scene=1, size=32)
+    (s2,) = root.glob("ROIs1868_summer/s2_2/*.tif")
+    write_geotiff(s2, np.zeros((13, 16, 16), np.uint16))
+    out = tmp_path / "s"
+    argv = _args(out, root, "data.max_skipped_fraction=0.3", config="sen12ms")
+    code, stdout, _ = _run(capsys, *argv)  # one triplet per season: 1 of 4 skipped
+    assert code == 0 and "1 patches skipped" in stdout
+    (entry,) = _skipped(out)
+    assert entry["key"] == "ROIs1868_summer_2_p1" and str(s2) in entry["reason"]
+    assert "expected 32x32 pixels, found (16, 16)" in entry["reason"]
+    assert read_manifest(out).total_samples == 3
+
+
+def test_eurosat_image_of_the_wrong_size_is_skipped_not_fatal(tmp_path, capsys):
+    from pimc_dist.sources.tiff_io import write_geotiff
+
+    root = tmp_path / "EuroSAT"
+    write_eurosat(root, per_class=2, size=16, rgb=False)
+    (bad,) = root.rglob("River_2.tif")
+    write_geotiff(bad, np.zeros((13, 20, 20), np.uint16))
+    out = tmp_path / "s"
+    argv = _args(out, root, "data.max_skipped_fraction=0.1", config="eurosat")
+    code, stdout, err = _run(capsys, *argv)
+    assert code == 0 and "1 patches skipped" in stdout, err
+    (entry,) = _skipped(out)
+    assert entry["key"] == "River_2" and str(bad) in entry["reason"]
+    assert "expected 16x16 pixels, found (20, 20)" in entry["reason"]
+
+
+def test_geotiff_stack_with_corrupt_image_data_skips_its_patches_naming_the_file(tmp_path, capsys):
+    import tifffile
+
+    paths = write_stacks(tmp_path / "raw", n=3)
+    with tifffile.TiffFile(paths[1]) as tif:
+        start = tif.pages[0].dataoffsets[0]
+    raw = bytearray(paths[1].read_bytes())
+    raw[start + 10 : start + 60] = b"\x55" * 50  # same size: the header checks pass
+    paths[1].write_bytes(bytes(raw))
+    out = tmp_path / "s"
+    argv = ["--config", str(stack_config(tmp_path, tmp_path / "raw")), f"data.shard_dir={out}"]
+    code, stdout, err = _run(capsys, *argv, "data.workers=1", "data.max_skipped_fraction=0.5")
+    assert code == 0 and "4 patches skipped" in stdout, err
+    entries = _skipped(out)
+    assert sorted(e["key"] for e in entries) == [
+        f"field1_r{r:05d}_c{c:05d}" for r in (0, 10) for c in (0, 10)
+    ]
+    assert all(str(paths[1]) in e["reason"] and "cannot decode" in e["reason"] for e in entries)
+    assert read_manifest(out).total_samples == 2 * 4 * 4
+
+
 @pytest.mark.parametrize(
     "override, words",
     [
@@ -538,6 +768,9 @@ def test_unreadable_tif_is_skipped_naming_it(tmp_path, capsys):
         ("data.grid_start=15/09/2018", ["data.grid_start", "ISO"]),
         ("data.max_skipped_fraction=2", ["data.max_skipped_fraction"]),
         ("data.workers=many", ["data.workers"]),
+        ("data.eurosat_bands=tif", ["data.eurosat_bands", "ms, rgb"]),
+        ("data.reben_resample=cubic", ["data.reben_resample", "nearest, bilinear"]),
+        ("data.image_size=0", ["data.image_size", ">= 1"]),
     ],
 )
 def test_bad_config_fails_before_any_work(pastis, tmp_path, capsys, override, words):

@@ -341,6 +341,39 @@ def test_verify_lists_every_missing_resized_changed_and_unlisted_shard(tmp_path)
         assert name in str(err.value)
 
 
+def test_shard_problems_name_each_bad_listed_shard_and_without_drops_them(tmp_path):
+    write_set(tmp_path, n=20, max_samples=4)  # five shards of 4
+    with open(tmp_path / "shard-000001.tar", "ab") as f:
+        f.write(bytes(512))
+    (tmp_path / "shard-000004.tar").unlink()
+    (tmp_path / "shard-000009.tar").write_bytes(bytes(1024))
+    manifest = shardio.read_manifest(tmp_path)
+    problems = shardio.shard_problems(manifest, checksums=False)
+    assert sorted(problems) == ["shard-000001.tar", "shard-000004.tar"]
+    assert problems["shard-000004.tar"].startswith(str(tmp_path / "shard-000004.tar"))
+    assert shardio.unlisted_shards(manifest) == [tmp_path / "shard-000009.tar"]
+    kept = manifest.without(frozenset(problems))
+    assert [s.name for s in kept.shards] == [
+        "shard-000000.tar",
+        "shard-000002.tar",
+        "shard-000003.tar",
+    ]
+    assert kept.total_samples == 12 and manifest.total_samples == 20  # the original is unchanged
+
+
+def test_sidecars_of_an_older_schema_are_refused_on_resume_and_merge(tmp_path):
+    write_set(tmp_path, n=10, max_samples=5)
+    sidecar = tmp_path / "shard-000001.stats.json"
+    info = json.loads(sidecar.read_text())
+    sidecar.write_text(json.dumps({**info, "schema_version": 1}))
+    with pytest.raises(ShardError, match=r"shard-000001.stats.json: schema_version 1, this code"):
+        ShardSetWriter(tmp_path).shard_done(1)
+    with pytest.raises(
+        ShardError, match=r"shard-000001.stats.json: schema_version 1.*shard it again"
+    ):
+        shardio.merge_manifest(tmp_path)
+
+
 def test_reader_skip_limit_and_member_selection(tmp_path):
     samples = write_set(tmp_path, n=10, max_samples=10)
     path = tmp_path / "shard-000000.tar"

@@ -193,6 +193,27 @@ def test_tif_with_wrong_dtype_is_named(fresh_root):
         src[0]
 
 
+@pytest.mark.parametrize("multispectral", [True, False])
+def test_image_of_another_size_than_the_first_is_named_with_its_shape(fresh_root, multispectral):
+    src = eurosat.EuroSATSource(fresh_root, multispectral=multispectral)
+    assert src.image_shape == (16, 16)  # from the first image, AnnualCrop_1
+    path = src.path(3)
+    if multispectral:
+        write_geotiff(path, np.zeros((13, 24, 16), np.uint16))
+    else:
+        Image.fromarray(np.zeros((24, 16, 3), np.uint8)).save(path)
+    with pytest.raises(SourceError, match=rf"{path.name}: expected 16x16 pixels, found \(24, 16\)"):
+        src[3]
+    src[4]  # the others still read
+
+
+def test_explicit_image_size_checks_every_image(fresh_root):
+    src = eurosat.EuroSATSource(fresh_root, image_size=64)
+    with pytest.raises(SourceError, match=r"AnnualCrop_1\.tif: expected 64x64 pixels, found"):
+        src[0]
+    assert eurosat.EuroSATSource(fresh_root, image_size=16)[0].image.shape == (13, 16, 16)
+
+
 def test_truncated_jpeg_is_named(fresh_root):
     src = eurosat.EuroSATSource(fresh_root, multispectral=False)
     path = src.path(2)

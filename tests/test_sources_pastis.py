@@ -142,11 +142,14 @@ def test_folds_select_patches_and_bad_selections_are_rejected(pastis):
 
 def test_with_s1_reads_both_orbits_with_their_own_dates(pastis):
     for patch in PastisSource(pastis, with_s1=True):
-        assert patch.meta["s1_bands"] == S1_BANDS
+        assert patch.meta["s1_bands"] == S1_BANDS == patch.s1_bands
+        assert list(patch.s1) == ["S1A", "S1D"]
         for orbit in ("s1a", "s1d"):
             series, dates = patch.meta[orbit], patch.meta["dates_" + orbit]
             assert series.shape == (len(dates), 3, 32, 32) and series.dtype.kind == "f"
             assert 60 <= len(dates) <= 75
+            assert patch.s1[orbit.upper()] is series
+    assert PastisSource(pastis)[0].s1 is None
 
 
 def test_mmap_false_loads_the_same_values_into_memory(pastis):

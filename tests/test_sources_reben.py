@@ -68,12 +68,12 @@ def test_reads_all_24_real_patches_as_12_band_s2_and_vv_vh_s1(records):
     ids = [r.patch_id for r in records]
     assert ids == sorted(ids) and len(set(ids)) == 24
     for r in records:
-        assert r.s2.shape == (12, 120, 120) and r.s2.dtype == np.float32
+        assert r.s2.shape == (12, 120, 120) and r.s2.dtype == np.uint16  # the stored DN
         assert r.s1.shape == (2, 120, 120) and r.s1.dtype == np.float32
         assert r.s2_bands == list(reben.S2_BANDS) and "B10" not in r.s2_bands
         assert r.s1_bands == ["VV", "VH"]
         assert r.labels.shape == (19,) and r.labels.dtype == np.uint8 and r.labels.sum() >= 1
-        assert 0.0 < r.s2.mean() < 1.0  # reflectance, not digital numbers
+        assert r.s2_dn_scale == 10000.0 and 0.0 < r.s2.mean() / r.s2_dn_scale < 1.0
         assert -40.0 < r.s1.mean() < 5.0  # backscatter in dB
         assert r.dataset == "reben"
 
@@ -114,13 +114,14 @@ def test_splits_have_eight_patches_each_six_without_snow_and_cloud():
     assert {val[i].split for i in range(len(val))} == {"val"}
 
 
-def test_s2_is_dn_over_10000_with_nearest_upsampling_by_pixel_repetition(records):
+def test_s2_is_the_stored_dn_with_nearest_upsampling_by_pixel_repetition(records):
     record = records[0]
     raw = _raw(record.patch_id)
     for band, factor in (("B02", 1), ("B05", 2), ("B01", 6), ("B12", 2), ("B09", 6)):
-        expected = np.kron(raw[band].astype(np.float32), np.ones((factor, factor), np.float32))
+        expected = np.kron(raw[band], np.ones((factor, factor), np.uint16))
         got = record.s2[record.s2_bands.index(band)]
-        np.testing.assert_array_equal(got, expected / np.float32(10000))
+        assert got.dtype == np.uint16
+        np.testing.assert_array_equal(got, expected)
     s1 = _raw(record.meta["s1_name"])
     np.testing.assert_array_equal(record.s1, np.stack([s1["VV"], s1["VH"]]))
 
@@ -130,10 +131,11 @@ def test_bilinear_keeps_10m_bands_and_preserves_band_means(records):
     src = reben.BigEarthNetV2Source(MOCK, resample="bilinear")
     bilinear = src[src.ids.index(nearest.patch_id)]
     b02, b05 = reben.S2_BANDS.index("B02"), reben.S2_BANDS.index("B05")
+    assert bilinear.s2.dtype == np.float32  # interpolated DN: not rounded back to uint16
     np.testing.assert_array_equal(bilinear.s2[b02], nearest.s2[b02])
     assert not np.array_equal(bilinear.s2[b05], nearest.s2[b05])
     np.testing.assert_allclose(
-        bilinear.s2.mean(axis=(1, 2)), nearest.s2.mean(axis=(1, 2)), rtol=0.02
+        bilinear.s2.mean(axis=(1, 2)), nearest.s2.mean(axis=(1, 2), dtype=np.float64), rtol=0.02
     )
 
 
@@ -143,7 +145,7 @@ def test_other_grid_sizes_resample_s2_and_s1_together(records):
     assert record.s2.shape == (12, 60, 60) and record.s1.shape == (2, 60, 60)
     raw = _raw(record.patch_id)
     b05 = reben.S2_BANDS.index("B05")
-    np.testing.assert_array_equal(record.s2[b05], raw["B05"] / np.float32(10000))  # native 60 px
+    np.testing.assert_array_equal(record.s2[b05], raw["B05"])  # native 60 px
 
 
 def test_geotiff_encoding_gives_identical_records(records, tmp_path):
@@ -190,11 +192,11 @@ def test_source_reads_in_a_forked_worker_after_the_parent_read(records):
     clone = pickle.loads(pickle.dumps(src))
     with multiprocessing.get_context("fork").Pool(1) as pool:
         s2_sum = pool.apply(_sum_s2, (clone, 1))
-    assert s2_sum == pytest.approx(float(src[1].s2.sum()))
+    assert s2_sum == pytest.approx(float(src[1].s2.sum(dtype=np.float64)))
 
 
 def _sum_s2(source, index):
-    return float(source[index].s2.sum())
+    return float(source[index].s2.sum(dtype=np.float64))
 
 
 # -- bad input ------------------------------------------------------------------------------

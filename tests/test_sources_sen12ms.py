@@ -73,13 +73,14 @@ def test_reads_every_triplet_in_season_scene_patch_order(sen_root):
     src = sen12ms.Sen12MSSource(root)
     assert src.ids == ids
     record = src[5]
-    assert record.s2.shape == (13, 32, 32) and record.s2.dtype == np.float32
+    assert record.s2.shape == (13, 32, 32) and record.s2.dtype == np.uint16
     assert record.s1.shape == (2, 32, 32) and record.s1.dtype == np.float32
     assert record.s2_bands[8] == "B8A" and record.s2_bands[10] == "B10"
     assert record.s1_bands == ["VV", "VH"]
     paths = src.paths(5)
     raw_s2 = np.moveaxis(tifffile.imread(paths["s2"]), -1, 0)
-    np.testing.assert_array_equal(record.s2, raw_s2.astype(np.float32) / np.float32(10000))
+    np.testing.assert_array_equal(record.s2, raw_s2)  # the L1C DN as stored
+    assert record.s2_dn_scale == 10000.0
     np.testing.assert_array_equal(record.s1, np.moveaxis(tifffile.imread(paths["s1"]), -1, 0))
     assert record.dataset == "sen12ms" and record.meta["season"] == "ROIs1970_fall"
 
@@ -190,7 +191,7 @@ def test_fixture_carries_a_class_signal(sen_root):
     for index, record in enumerate(src):
         igbp = tifffile.imread(src.paths(index)["lc"])[..., 0]
         simple = sen12ms.IGBP_TO_SIMPLIFIED[igbp]
-        red, nir = record.s2[3], record.s2[7]
+        red, nir = record.s2[[3, 7]].astype(np.float32)  # uint16 DN: no wrapping differences
         ndvi = (nir - red) / (nir + red)
         for c in np.unique(simple):
             ndvi_by_class.setdefault(int(c), []).append(float(ndvi[simple == c].mean()))
@@ -226,6 +227,18 @@ def test_s2_with_wrong_band_count_is_named(fresh_root):
     write_geotiff(src.paths(0)["s2"], np.zeros((12, 16, 16), np.uint16))
     with pytest.raises(SourceError, match=r"_s2_5_p1\.tif: expected 13 bands, found 12"):
         src[0]
+
+
+def test_s2_of_another_size_is_named_not_its_s1_counterpart(fresh_root):
+    src = sen12ms.Sen12MSSource(fresh_root)
+    assert src.image_shape == (16, 16)
+    write_geotiff(src.paths(1)["s2"], np.zeros((13, 8, 8), np.uint16))
+    path = src.paths(1)["s2"]
+    with pytest.raises(SourceError, match=rf"{path.name}: expected 16x16 pixels, found \(8, 8\)"):
+        src[1]
+    src[0]
+    with pytest.raises(SourceError, match=r"_s2_5_p1\.tif: expected 256x256 pixels"):
+        sen12ms.Sen12MSSource(fresh_root, image_size=256)[0]
 
 
 def test_s1_with_wrong_dtype_is_named(fresh_root):

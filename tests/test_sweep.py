@@ -132,6 +132,72 @@ def test_aggregate_writes_mean_and_std_over_seeds_lists_failures_and_plots(tmp_p
     assert len(summary["problems"]) == 1
 
 
+class FakeTracker:
+    """Stands in for tracking.Tracker: records what the sweep's summary run is sent."""
+
+    last = None
+
+    def __init__(self, cfg, *, rank, run_dir, **kwargs):
+        self.cfg, self.run, self.images = cfg, None, {}
+        FakeTracker.last = self
+
+    def log_images(self, images, step):
+        self.images.update(images)
+
+    def summary(self, values):
+        self.values = values
+
+    def finish(self, exit_code=0):
+        pass
+
+
+def test_tracked_sweep_sends_its_results_plot_to_the_summary_run(tmp_path, monkeypatch):
+    from pimc_dist import tracking
+
+    monkeypatch.setattr(tracking, "Tracker", FakeTracker)
+    cfg = load(tmp_path, "sweep.grid.task=[pastis_pixel_cls]", "tracking.wandb=true")
+    cells = sweep.expand_grid(cfg)
+    _write_result(cfg, cells[0], 0.3, 0.3)
+    sweep.aggregate(cfg, cells)
+    tracker = FakeTracker.last
+    assert tracker.cfg.name == "sweep_demo-summary" and tracker.cfg.tracking.group == "sweep_demo"
+    image = tracker.images["results_plot"]
+    assert image.dtype.name == "uint8" and image.ndim == 3 and image.shape[2] == 3
+    assert tracker.values == {"cells": len(cells), "failed": len(cells) - 1}
+
+
+def test_sweep_folder_holding_another_run_is_refused_and_kept(tmp_path, capsys):
+    folder = tmp_path / "sweep"
+    folder.mkdir()
+    (folder / "encoders.safetensors").write_bytes(b"weights")
+    assert sweep.cli(["--config", str(SWEEP_YAML), f"train.run_dir={folder}"]) == 2
+    assert "holds a pretraining run" in capsys.readouterr().err
+    assert not (folder / "config.yaml").exists()
+    (folder / "encoders.safetensors").unlink()
+    # A fine-tuning run's config: not a sweep.
+    config_lib.save(config_lib.load(None, [f"train.run_dir={folder}"]), folder / "config.yaml")
+    with pytest.raises(config_lib.ConfigError, match="holds a run that is not a sweep"):
+        sweep.check_sweep_folder(load(tmp_path))
+    # Another sweep (another name), then this one with a grown grid and new overrides.
+    config_lib.save(load(tmp_path, "name=other"), folder / "config.yaml")
+    with pytest.raises(config_lib.ConfigError, match="different run \\(name: other there"):
+        sweep.check_sweep_folder(load(tmp_path))
+    config_lib.save(load(tmp_path), folder / "config.yaml")
+    sweep.check_sweep_folder(
+        load(tmp_path, "sweep.grid.seed=[0,1,2]", "sweep.overrides=[finetune.probe_epochs=3]")
+    )
+
+
+def test_help_shows_examples(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        sweep.parse_args(["--help"])
+    out = capsys.readouterr().out
+    assert exit_info.value.code == 0
+    assert (
+        "examples:" in out and "python -m pimc_dist.sweep --config configs/sweep/demo.yaml" in out
+    )
+
+
 def test_forecast_baselines_become_rows_once_per_seed_and_fraction(tmp_path):
     cfg = load(
         tmp_path,

@@ -3,11 +3,53 @@
 from __future__ import annotations
 
 import json
+import math
+import struct
+from pathlib import Path
 
 import numpy as np
 import pytest
+from wandb.proto import wandb_internal_pb2
 
 from pimc_dist import config, tracking
+
+
+def wandb_runs(run_dir: Path) -> list[Path]:
+    """The offline W&B run logs (run-<id>.wandb) under a run folder, oldest first."""
+    return sorted((Path(run_dir) / "wandb").glob("offline-run-*/run-*.wandb"))
+
+
+def wandb_history(path: Path) -> tuple[str, list[dict]]:
+    """(run id, history rows with their step) of an offline W&B run log.
+
+    The log is a LevelDB-style record file (W&B's "transaction log"): a 7-byte
+    header, then 32 KiB blocks of records, each a 7-byte header (crc32, length,
+    type: 1 full, 2 first, 3 middle, 4 last) and a piece of a protobuf `Record`.
+    """
+    data = Path(path).read_bytes()
+    assert data[:4] == b":W&B", f"{path}: not a W&B run log"
+    pos, block, pending, run_id, rows = 7, 32768, b"", None, []
+    while pos + 7 <= len(data):
+        if block - pos % block < 7:  # a block's tail too short for a header is padding
+            pos += block - pos % block
+            continue
+        _crc, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
+        pending += data[pos + 7 : pos + 7 + length]
+        pos += 7 + length
+        if kind not in (1, 4):
+            continue
+        record = wandb_internal_pb2.Record.FromString(pending)
+        pending = b""
+        if record.WhichOneof("record_type") == "run":
+            run_id = record.run.run_id
+        elif record.WhichOneof("record_type") == "history":
+            row = {"step": record.history.step.num}
+            for item in record.history.item:
+                key = item.key or "/".join(item.nested_key)  # an image's fields are nested
+                if not key.startswith("_"):  # _step, _runtime, _timestamp
+                    row[key] = json.loads(item.value_json)
+            rows.append(row)
+    return run_id, rows
 
 
 def cfg_for(tmp_path, *overrides):
@@ -24,8 +66,13 @@ def test_rank0_writes_metrics_and_offline_wandb_files(tmp_path):
     t.finish()
     rows = tracking.read_metrics(tmp_path / "metrics.jsonl")
     assert rows == [{"step": 1, "loss": 1.5, "lr": 0.1}, {"step": 2, "loss": "nan"}]
-    runs = list((tmp_path / "wandb").glob(f"offline-run-*-{run_id}/run-{run_id}.wandb"))
-    assert len(runs) == 1 and runs[0].stat().st_size > 0
+    runs = wandb_runs(tmp_path)
+    assert [p.name for p in runs] == [f"run-{run_id}.wandb"]
+    logged_id, history = wandb_history(runs[0])
+    assert logged_id == run_id
+    assert history[0] == {"step": 1, "loss": 1.5, "lr": 0.1}
+    assert history[1]["step"] == 2 and math.isnan(history[1]["loss"])
+    assert history[1]["rp/_type"] == "image-file"  # the image, logged at step 2 as well
 
 
 def test_other_ranks_write_nothing(tmp_path):
@@ -45,6 +92,11 @@ def test_resumed_tracker_continues_the_same_run_and_file(tmp_path):
     again.finish()
     assert again.run_id == first.run_id
     assert [r["step"] for r in tracking.read_metrics(tmp_path / "metrics.jsonl")] == [1, 2]
+    histories = [wandb_history(p) for p in wandb_runs(tmp_path)]
+    assert histories == [
+        (first.run_id, [{"step": 1, "loss": 2.0}]),
+        (first.run_id, [{"step": 2, "loss": 1.0}]),
+    ]
 
 
 def test_wandb_disabled_still_writes_metrics(tmp_path):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 
 import numpy as np
@@ -44,23 +45,81 @@ def test_samples_grid_has_a_row_per_sample(tmp_path, pimc_shards):
     assert w2 == w5 and h5 > 2 * h2
 
 
-def test_curves_from_metrics_jsonl(tmp_path):
+def test_curves_from_metrics_jsonl_of_pretraining_and_of_fine_tuning(tmp_path):
     rows = [
         {"step": s, "loss": 2.0 / s, "loss/inter": 1.0 / s, "lr": 1e-3, "samples_per_s": 100.0}
         for s in range(1, 20)
     ]
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     assert viz.main(["curves", str(tmp_path)]) == 0
-    assert png_size(tmp_path / "curves.png")[0] > 500
-
-
-def test_sweep_plot_from_results_csv(tmp_path):
-    csv = tmp_path / "results.csv"
-    csv.write_text(
-        "task,protocol,seed,accuracy\ncls,linear,0,0.8\ncls,linear,1,0.7\ncls,random,0,0.4\n"
+    pretrain_width = png_size(tmp_path / "curves.png")[0]
+    # Fine-tuning: loss and a validation score per epoch, then a test summary row.
+    epochs = [{"step": e, "finetune/loss": 1.0 / e, "val/miou": 0.1 * e} for e in (1, 2, 3)]
+    ft = tmp_path / "ft"
+    ft.mkdir()
+    (ft / "metrics.jsonl").write_text(
+        "".join(json.dumps(r) + "\n" for r in [*epochs, {"step": 3, "test/miou": 0.3}])
     )
-    assert viz.main(["sweep", str(csv), "--out", str(tmp_path / "s.png")]) == 0
+    assert viz.main(["curves", str(ft)]) == 0
+    # Three panels (loss, lr, samples/s) against two (loss, validation).
+    assert pretrain_width == pytest.approx(1.5 * png_size(ft / "curves.png")[0], rel=0.02)
+
+
+def _sweep_rows() -> list[dict]:
+    """Rows as sweep.result_rows makes them: val_miou comes before the test metrics."""
+    rows = []
+    for init, test, val in (("pretrained", (0.5, 0.7), 0.9), ("random", (0.1, 0.3), 0.95)):
+        for seed, miou in enumerate(test):
+            rows.append(
+                {
+                    "cell": f"pastis_pixel_cls__linear-{init}__seed-{seed}",
+                    "task": "pastis_pixel_cls", "protocol": "linear", "init": init,
+                    "lr": "grid", "label_fraction": 1.0, "seed": seed, "primary": "miou",
+                    "val_miou": val, "val_primary": val, "oa": miou + 0.2, "miou": miou,
+                    "selected_lr": 0.1, "total_s": 3.0,
+                }
+            )  # fmt: skip
+    forecast = {
+        "task": "pastis_forecast", "label_fraction": 1.0, "seed": 0, "primary": "rmse", "lr": "-",
+    }  # fmt: skip
+    rows.append({**forecast, "protocol": "linear", "init": "pretrained", "rmse": 0.14})
+    rows.append({**forecast, "protocol": "persistence", "init": "-", "rmse": 0.2})
+    return rows
+
+
+def test_sweep_plot_keeps_inits_apart_and_shows_the_primary_test_metric(tmp_path):
+    from pimc_dist import sweep
+
+    path = sweep.write_csv(_sweep_rows(), tmp_path / "results.csv")
+    with open(path, newline="") as f:
+        groups = viz.sweep_groups(list(csv.DictReader(f)))
+    metric, settings = groups["pastis_pixel_cls"]
+    assert metric == "miou"
+    assert settings == {
+        "linear/pretrained frac 1": [0.5, 0.7],
+        "linear/random frac 1": [0.1, 0.3],
+    }
+    assert groups["pastis_forecast"] == (
+        "rmse",
+        {"linear/pretrained frac 1": [0.14], "persistence/- frac 1": [0.2]},
+    )
+    assert viz.main(["sweep", str(path), "--out", str(tmp_path / "s.png")]) == 0
     png_size(tmp_path / "s.png")
+    assert viz.main(["sweep", str(path), "--metric", "oa", "--out", str(tmp_path / "o.png")]) == 0
+
+
+def test_png_files_go_to_the_tracker_as_rgb_arrays(tmp_path):
+    class Recorder:
+        def log_images(self, images, step):
+            self.images, self.step = images, step
+
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "finetune/loss": 1.0}\n')
+    png = viz.plot_curves(tmp_path, tmp_path / "c.png")
+    tracker = Recorder()
+    viz.log_pngs(tracker, {"curves": png, "absent": None}, step=3)
+    assert list(tracker.images) == ["curves"] and tracker.step == 3
+    image = tracker.images["curves"]
+    assert image.dtype == np.uint8 and image.shape == (*png_size(png)[::-1], 3)
 
 
 def test_bad_inputs_give_a_clear_error_and_exit_1(tmp_path, capsys):
@@ -71,5 +130,16 @@ def test_bad_inputs_give_a_clear_error_and_exit_1(tmp_path, capsys):
     assert "no training rows" in capsys.readouterr().err
     (tmp_path / "r.csv").write_text("task,protocol\ncls,linear\n")
     assert viz.main(["sweep", str(tmp_path / "r.csv")]) == 1
-    assert "no numeric metric" in capsys.readouterr().err
+    assert "name no primary metric; pass --metric" in capsys.readouterr().err
+    assert viz.main(["sweep", str(tmp_path / "r.csv"), "--metric", "oa"]) == 1
+    assert "no numeric value of oa" in capsys.readouterr().err
     assert not (tmp_path / "x.png").exists()
+
+
+def test_help_shows_an_example(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        viz.main(["--help"])
+    out = capsys.readouterr().out
+    assert exit_info.value.code == 0
+    assert "example: python -m pimc_dist.viz samples shards/demo" in out
+    assert "{samples,curves,sweep}" in out

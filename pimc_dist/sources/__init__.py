@@ -65,6 +65,20 @@ def ensure_demo_dataset(root: str | os.PathLike = DEMO_ROOT) -> Path:
     return root
 
 
+def label_paths(pattern: str | None, paths: list[str]) -> list[str] | None:
+    """Class raster of each GeoTIFF stack in `paths`: `pattern` with {stem} replaced by the
+    stack's file name without extension, or `pattern` itself for a single stack."""
+    if not pattern:
+        return None
+    if "{stem}" in pattern:
+        return [pattern.replace("{stem}", Path(p).stem) for p in paths]
+    if len(paths) > 1:
+        raise SourceError(
+            pattern, f"one label raster for {len(paths)} stacks; put {{stem}} in data.label_path"
+        )
+    return [pattern]
+
+
 def open_source(data: Any) -> Source:
     """Open the reader named by `data.source` with the options of the `data` config section."""
     name = data.source
@@ -80,6 +94,7 @@ def open_source(data: Any) -> Source:
             folds=list(data.folds) if data.folds else None,
             split=None if data.folds else data.split,
             fold_rotation=data.fold_rotation,
+            with_s1=data.with_s1,
         )
         return Source(name, reader, list(pastis.CLASSES), "pimc", (pastis.VOID_LABEL,))
     if name == "geotiff_stack":
@@ -97,6 +112,10 @@ def open_source(data: Any) -> Source:
             dates=list(data.dates),
             order=data.band_order,
             patch_size=data.patch_size,
+            nodata=data.nodata,
+            dn_scale=data.dn_scale,
+            dn_offset=data.dn_offset,
+            label_path=label_paths(data.label_path, paths),
             # Edge patches keep their real extent: PIMC samples need no fixed patch size,
             # and crops near the image edge are then edge-padded instead of showing nodata.
             pad_edges=False,
@@ -105,18 +124,35 @@ def open_source(data: Any) -> Source:
     if name == "eurosat":
         from pimc_dist.sources.eurosat import CLASSES, EuroSATSource
 
-        return Source(name, EuroSATSource(data.root, split=data.split), list(CLASSES), "scene")
+        reader = EuroSATSource(
+            data.root,
+            split=data.split,
+            multispectral=data.eurosat_bands == "ms",
+            band_order=data.eurosat_band_order,
+            image_size=data.image_size,
+        )
+        return Source(name, reader, list(CLASSES), "scene")
     if name == "reben":
         from pimc_dist.sources.reben import CLASSES, BigEarthNetV2Source
 
         reader = BigEarthNetV2Source(
-            data.root, split=data.split, drop_snow_cloud=data.drop_snow_cloud, s2_size=data.s2_size
+            data.root,
+            split=data.split,
+            drop_snow_cloud=data.drop_snow_cloud,
+            s2_size=data.s2_size,
+            encoding=data.reben_encoding,
+            resample=data.reben_resample,
         )
         return Source(name, reader, list(CLASSES), "mosaic")
     if name == "sen12ms":
         from pimc_dist.sources.sen12ms import CLASSES, Sen12MSSource
 
-        reader = Sen12MSSource(data.root, label_threshold=data.label_threshold, split=data.split)
+        reader = Sen12MSSource(
+            data.root,
+            label_threshold=data.label_threshold,
+            split=data.split,
+            image_size=data.image_size,
+        )
         return Source(name, reader, list(CLASSES), "mosaic")
     raise ValueError(f"data.source: unknown source '{name}' (known: {', '.join(SOURCES)})")
 

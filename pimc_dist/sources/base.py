@@ -47,6 +47,10 @@ class TimeSeriesPatch:
     dn_scale: float = 10000.0
     dn_offset: float = 0.0
     meta: dict[str, Any] = field(default_factory=dict)
+    # Co-registered SAR series by orbit (PASTIS-R: "S1A", "S1D"), each (T_o, C, H, W) with
+    # its own dates; None when not read. `s1_bands` names their C axis.
+    s1: dict[str, np.ndarray] | None = None
+    s1_bands: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -54,7 +58,9 @@ class MultimodalPatch:
     """One optical + SAR patch (MoSAiC input) with multi-hot labels."""
 
     patch_id: str
-    s2: np.ndarray  # (C, H, W) float32 reflectance
+    # (C, H, W) digital numbers as stored (uint16), or float32 where resampling interpolated
+    # them; reflectance = s2 / s2_dn_scale. Kept as read so that shards lose nothing.
+    s2: np.ndarray
     s2_bands: list[str]
     s1: np.ndarray  # (2, H, W) float32 (VV, VH)
     s1_bands: list[str]
@@ -62,6 +68,7 @@ class MultimodalPatch:
     dataset: str
     split: str | None = None
     meta: dict[str, Any] = field(default_factory=dict)
+    s2_dn_scale: float = 10000.0
 
 
 @dataclass

@@ -25,6 +25,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
+import tifffile
 from PIL import Image
 
 from pimc_dist.sources.base import ScenePatch, SourceError
@@ -86,6 +87,9 @@ class EuroSATSource:
     folders; otherwise the official split list, whose every entry must exist.
     `image_dir` (relative to `root`, or absolute) replaces the archive's folder
     for re-packaged copies such as `EuroSAT_MS/` or `EuroSAT_RGB/`.
+    Every image must be `image_size` px square (64 in the release); None takes
+    the size of the first image in reading order. Reading an image of another
+    size raises SourceError naming the file and its shape.
     """
 
     dataset = "eurosat"
@@ -99,6 +103,7 @@ class EuroSATSource:
         multispectral: bool = True,
         band_order: str = "file",
         image_dir: str | os.PathLike | None = None,
+        image_size: int | None = None,
     ) -> None:
         if band_order not in ("file", "standard"):
             raise ValueError(f"band_order must be 'file' or 'standard', not {band_order!r}")
@@ -118,6 +123,24 @@ class EuroSATSource:
             self.band_names = list(FILE_BANDS if band_order == "file" else STANDARD_BANDS)
         else:
             self.band_names = list(RGB_BANDS)
+        if image_size is not None and image_size < 1:
+            raise ValueError(f"image_size must be positive, not {image_size}")
+        self.image_shape = (image_size, image_size) if image_size else self._first_image_shape()
+
+    def _first_image_shape(self) -> tuple[int, int] | None:
+        """(H, W) of the first image whose header reads; None if none does (every read fails)."""
+        for index in range(len(self)):
+            try:
+                if self.multispectral:
+                    with tifffile.TiffFile(self.path(index)) as tif:
+                        page = tif.pages[0]
+                        return int(page.imagelength), int(page.imagewidth)
+                with Image.open(self.path(index)) as img:
+                    width, height = img.size
+                    return int(height), int(width)
+            except Exception:  # unreadable: the read of that image reports it
+                continue
+        return None
 
     def _names_from_folders(self) -> list[tuple[str, int]]:
         names = []
@@ -163,11 +186,11 @@ class EuroSATSource:
     def __getitem__(self, index: int) -> ScenePatch:
         path = self.path(index)
         if self.multispectral:
-            image = read_tiff(path, bands=len(FILE_BANDS), dtype=np.uint16)
+            image = read_tiff(path, bands=len(FILE_BANDS), dtype=np.uint16, size=self.image_shape)
             if self.band_order == "standard":
                 image = reorder_bands(image, FILE_BANDS)
         else:
-            image = read_rgb(path)
+            image = read_rgb(path, size=self.image_shape)
         return ScenePatch(
             patch_id=self.ids[index],
             image=image,
@@ -186,8 +209,8 @@ class EuroSATSource:
             yield self[index]
 
 
-def read_rgb(path: str | os.PathLike) -> np.ndarray:
-    """Read an 8-bit RGB image (JPEG/PNG) as a (3, H, W) uint8 array."""
+def read_rgb(path: str | os.PathLike, size: tuple[int, int] | None = None) -> np.ndarray:
+    """Read an 8-bit RGB image (JPEG/PNG) as a (3, H, W) uint8 array; (H, W) must be `size` if given."""
     path = Path(path)
     if not path.is_file():
         raise SourceError(path, "file not found")
@@ -201,4 +224,6 @@ def read_rgb(path: str | os.PathLike) -> np.ndarray:
         raise
     except Exception as exc:
         raise SourceError(path, f"unreadable image ({type(exc).__name__}: {exc})") from exc
+    if size is not None and array.shape[:2] != tuple(size):
+        raise SourceError(path, f"expected {size[0]}x{size[1]} pixels, found {array.shape[:2]}")
     return np.ascontiguousarray(array.transpose(2, 0, 1))

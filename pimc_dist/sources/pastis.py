@@ -257,8 +257,8 @@ class PastisSource:
     """Read PASTIS / PASTIS-R patches as `TimeSeriesPatch` records.
 
     `folds` (1-5) or `split` ("train"/"val"/"test" under `fold_rotation` 0-4) choose the patches;
-    neither means all. `with_s1` also reads DATA_S1A/DATA_S1D into `meta["s1a"]`/`meta["s1d"]`
-    (T x 3 x H x W, dates in `meta["dates_s1a"]`/`meta["dates_s1d"]`). With `mmap`, S2 arrays
+    neither means all. `with_s1` also reads DATA_S1A/DATA_S1D into `s1` (and `meta["s1a"]`/
+    `meta["s1d"]`; T x 3 x H x W, dates in `meta["dates_s1a"]`/`meta["dates_s1d"]`). With `mmap`, arrays
     are memory-mapped read-only instead of loaded. Files are checked to exist up front; shapes,
     dtypes and truncation are checked when a patch is read (or for all patches by `verify()`).
     """
@@ -421,11 +421,13 @@ class PastisSource:
             "days": [(d - REFERENCE_DATE).days for d in dates],
             "reference_date": REFERENCE_DATE.isoformat(),
         }
+        s1 = None
         if self.with_s1:
             meta["s1_bands"] = list(S1_BANDS)
+            s1 = {}
             for orbit in S1_ORBITS:
                 key = orbit.lower()
-                meta[key] = _load_npy(paths[key], self.mmap)
+                meta[key] = s1[orbit] = _load_npy(paths[key], self.mmap)
                 meta["dates_" + key] = patch["dates_" + key]
 
         return TimeSeriesPatch(
@@ -442,6 +444,8 @@ class PastisSource:
             dn_scale=DN_SCALE,
             dn_offset=DN_OFFSET,
             meta=meta,
+            s1=s1,
+            s1_bands=list(S1_BANDS) if s1 else [],
         )
 
     def __iter__(self) -> Iterator[TimeSeriesPatch]:

@@ -28,10 +28,12 @@ Files under `root`:
     with `<scene>` the S1 name without its last three fields (torchgeo's
     BigEarthNetV2 layout). One single-band GeoTIFF per band.
 
-Records hold S2 as reflectance (DN / 10000; reBEN predates the processing
-baseline 04.00 offset) in the standard band order `S2_BANDS`, all bands
-resampled to one `s2_size` grid (120 px = 10 m by default), and S1 in dB on
-the same grid.
+Records hold S2 as the stored digital numbers (reflectance = DN / 10000, the
+record's `s2_dn_scale`; reBEN predates the processing baseline 04.00 offset)
+in the standard band order `S2_BANDS`, all bands resampled to one `s2_size`
+grid (120 px = 10 m by default), and S1 in dB (float32) on the same grid.
+With "nearest" resampling S2 stays uint16, exactly the stored values; with
+"bilinear" it is float32 DN.
 
 Resampling: "nearest" (default) repeats pixels when upsampling by the
 integer factors 2 and 6 (identical to configilm's BENv2 pipeline, whose
@@ -195,20 +197,23 @@ def resample_bands(
     size: int,
     mode: str = "nearest",
 ) -> np.ndarray:
-    """Stack `bands[name]` for `name` in `order` on one (size x size) grid -> (C, size, size) float32.
+    """Stack `bands[name]` for `name` in `order` on one (size x size) grid -> (C, size, size).
 
+    "nearest" copies pixels, so the result keeps the bands' dtype (uint16 DN stay
+    exact); "bilinear" interpolates and gives float32.
     Pure numpy on purpose: torch ops in a worker forked after the parent used
     torch's thread pool can deadlock, and sharding forks workers.
     """
     if mode not in RESAMPLE_MODES:
         raise ValueError(f"resample mode must be one of {RESAMPLE_MODES}, not {mode!r}")
-    out = np.empty((len(order), size, size), dtype=np.float32)
+    dtype = np.result_type(*(bands[name] for name in order)) if mode == "nearest" else np.float32
+    out = np.empty((len(order), size, size), dtype=dtype)
     # Bands of the same native size are resampled together.
     groups: dict[tuple[int, int], list[int]] = {}
     for i, name in enumerate(order):
         groups.setdefault(bands[name].shape, []).append(i)
     for (height, width), indices in groups.items():
-        stack = np.stack([bands[order[i]] for i in indices]).astype(np.float32)
+        stack = np.stack([bands[order[i]] for i in indices]).astype(dtype)
         if (height, width) == (size, size):
             out[indices] = stack
         elif mode == "nearest":
@@ -452,12 +457,13 @@ class BigEarthNetV2Source:
     def __getitem__(self, index: int) -> MultimodalPatch:
         row = self.rows[index]
         s2, s1 = self.read_bands(index)
-        s2_grid = resample_bands(s2, S2_BANDS, self.s2_size, self.resample) / np.float32(DN_SCALE)
+        s2_grid = resample_bands(s2, S2_BANDS, self.s2_size, self.resample)
         s1_grid = resample_bands(s1, S1_BANDS, self.s2_size, self.resample)
         return MultimodalPatch(
             patch_id=row["patch_id"],
             s2=s2_grid,
             s2_bands=list(S2_BANDS),
+            s2_dn_scale=DN_SCALE,
             s1=s1_grid,
             s1_bands=list(S1_BANDS),
             labels=labels_to_multi_hot(row["labels"] or []),

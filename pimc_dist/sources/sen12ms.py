@@ -26,8 +26,10 @@ Splits: the authors' lists (`val_list.txt`, `test_list.txt`, from
 schmitt-muc/SEN12MS `splits/`, copied into `root`) of S2 file names; "train"
 is every other patch unless a `train_list.txt` is there.
 
-Records carry S2 as L1C reflectance (DN / 10000, not clipped) and S1 as dB;
-`normalize_s2` / `normalize_s1` are the authors' usual preprocessing. The one
+Records carry S2 as the L1C digital numbers of the file (uint16; reflectance =
+DN / 10000, the record's `s2_dn_scale`) and S1 as dB (float32);
+`normalize_s2` (on reflectance) / `normalize_s1` are the authors' usual
+preprocessing. The one
 known broken sample (`ROIs1868_summer_s2_146_p202`, NaN in S1, also dropped by
 the authors) is left out by default; any other non-finite S1 raises.
 """
@@ -40,6 +42,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
+import tifffile
 
 from pimc_dist.sources.base import MultimodalPatch, SourceError
 from pimc_dist.sources.tiff_io import read_tiff
@@ -169,6 +172,10 @@ class Sen12MSSource:
     no `train_list.txt`, "train" is every patch in neither `val_list.txt` nor
     `test_list.txt` (how the authors built it). `split_file` names a list
     explicitly instead.
+
+    Every image must be `image_size` px square (256 in the release); None takes
+    the size of the first S2 file in reading order. A file of another size
+    raises SourceError naming it and its shape.
     """
 
     dataset = "sen12ms"
@@ -183,6 +190,7 @@ class Sen12MSSource:
         split: str | None = None,
         split_file: str | os.PathLike | None = None,
         drop_known_broken: bool = True,
+        image_size: int | None = None,
     ) -> None:
         if not 0.0 < label_threshold <= 1.0:
             raise ValueError(f"label_threshold must be in (0, 1], not {label_threshold}")
@@ -211,6 +219,19 @@ class Sen12MSSource:
             triplets = [t for t in triplets if patch_id(*t) not in BROKEN_PATCHES]
         self.triplets: list[tuple[str, int, int]] = triplets
         self.ids: list[str] = [patch_id(*t) for t in triplets]
+        if image_size is not None and image_size < 1:
+            raise ValueError(f"image_size must be positive, not {image_size}")
+        self.image_shape = (image_size, image_size) if image_size else self._first_s2_shape()
+
+    def _first_s2_shape(self) -> tuple[int, int] | None:
+        """(H, W) of the first S2 file whose header reads; None if none does."""
+        for index in range(len(self)):
+            try:
+                with tifffile.TiffFile(self.paths(index)["s2"]) as tif:
+                    return int(tif.pages[0].imagelength), int(tif.pages[0].imagewidth)
+            except Exception:  # unreadable: the read of that triplet reports it
+                continue
+        return None
 
     def _keep_listed(self, triplets: list[tuple[str, int, int]], path: Path) -> list:
         wanted = self._read_split_file(path)
@@ -269,8 +290,8 @@ class Sen12MSSource:
     def __getitem__(self, index: int) -> MultimodalPatch:
         season, scene, patch = self.triplets[index]
         paths = self.paths(index)
-        s2 = read_tiff(paths["s2"], bands=len(S2_BANDS), dtype=np.uint16)
-        size = s2.shape[1:]
+        size = self.image_shape
+        s2 = read_tiff(paths["s2"], bands=len(S2_BANDS), dtype=np.uint16, size=size)
         s1 = read_tiff(paths["s1"], bands=len(S1_BANDS), dtype=np.float32, size=size)
         lc = read_tiff(paths["lc"], bands=len(LC_LAYERS), size=size)
         if not np.issubdtype(lc.dtype, np.integer):
@@ -284,8 +305,9 @@ class Sen12MSSource:
         labels = multi_hot(simple, self.label_threshold)
         return MultimodalPatch(
             patch_id=patch_id(season, scene, patch),
-            s2=s2.astype(np.float32) / np.float32(10000.0),
+            s2=s2,
             s2_bands=list(S2_BANDS),
+            s2_dn_scale=10000.0,
             s1=s1,
             s1_bands=list(S1_BANDS),
             labels=labels,
