@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import struct
+import time
 from pathlib import Path
 
 import numpy as np
@@ -19,28 +20,47 @@ def wandb_runs(run_dir: Path) -> list[Path]:
     return sorted((Path(run_dir) / "wandb").glob("offline-run-*/run-*.wandb"))
 
 
-def wandb_history(path: Path) -> tuple[str, list[dict]]:
-    """(run id, history rows with their step) of an offline W&B run log.
+def wandb_history(path: Path, timeout_s: float = 60) -> tuple[str, list[dict]]:
+    """(run id, history rows with their step) of an offline W&B run log, once it is complete.
+
+    W&B's writer is a process of its own that flushes the log after `finish()` returns,
+    so the log is read again until it holds the run's exit record (or `timeout_s`).
+    """
+    deadline = time.monotonic() + timeout_s
+    while True:
+        run_id, rows, complete = _read_wandb_log(Path(path))
+        if complete or time.monotonic() > deadline:
+            assert complete, f"{path}: no exit record after {timeout_s} s"
+            return run_id, rows
+        time.sleep(0.2)
+
+
+def _read_wandb_log(path: Path) -> tuple[str | None, list[dict], bool]:
+    """(run id, history rows, whether the exit record is there) of what the log holds now.
 
     The log is a LevelDB-style record file (W&B's "transaction log"): a 7-byte
     header, then 32 KiB blocks of records, each a 7-byte header (crc32, length,
     type: 1 full, 2 first, 3 middle, 4 last) and a piece of a protobuf `Record`.
     """
-    data = Path(path).read_bytes()
+    data = path.read_bytes()
     assert data[:4] == b":W&B", f"{path}: not a W&B run log"
-    pos, block, pending, run_id, rows = 7, 32768, b"", None, []
+    pos, block, pending, run_id, rows, complete = 7, 32768, b"", None, [], False
     while pos + 7 <= len(data):
         if block - pos % block < 7:  # a block's tail too short for a header is padding
             pos += block - pos % block
             continue
         _crc, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
+        if pos + 7 + length > len(data):  # a record still being written
+            break
         pending += data[pos + 7 : pos + 7 + length]
         pos += 7 + length
         if kind not in (1, 4):
             continue
         record = wandb_internal_pb2.Record.FromString(pending)
         pending = b""
-        if record.WhichOneof("record_type") == "run":
+        if record.WhichOneof("record_type") == "exit":
+            complete = True
+        elif record.WhichOneof("record_type") == "run":
             run_id = record.run.run_id
         elif record.WhichOneof("record_type") == "history":
             row = {"step": record.history.step.num}
@@ -49,7 +69,7 @@ def wandb_history(path: Path) -> tuple[str, list[dict]]:
                 if not key.startswith("_"):  # _step, _runtime, _timestamp
                     row[key] = json.loads(item.value_json)
             rows.append(row)
-    return run_id, rows
+    return run_id, rows, complete
 
 
 def cfg_for(tmp_path, *overrides):
