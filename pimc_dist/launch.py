@@ -437,27 +437,6 @@ def check_cluster_fits(
             )
 
 
-def check_tracking(cfg: DictConfig) -> None:
-    """W&B as configured can start: online needs a key. Checked before submission, since
-    the job itself would only find out once it has its nodes."""
-    from pimc_dist import tracking
-
-    if not cfg.tracking.wandb or cfg.tracking.mode == "disabled":
-        return
-    if tracking.wandb is None:
-        raise config.ConfigError(
-            "invalid key 'tracking.wandb': true, but wandb is not installed: pip install wandb, "
-            "or set tracking.wandb=false"
-        )
-    has_key = os.environ.get("WANDB_API_KEY") or tracking._netrc_has_wandb()
-    if cfg.tracking.mode == "online" and not has_key:
-        raise config.ConfigError(
-            "invalid key 'tracking.mode': online needs a W&B key and none is set here: run "
-            "`wandb login` (or export WANDB_API_KEY=...), or use tracking.mode=offline and "
-            "`wandb sync <run folder>/wandb/offline-run-*` later"
-        )
-
-
 def job_folder(cfg: DictConfig) -> Path:
     """submitit's folder for this run's jobs; %j becomes the job id."""
     return Path(cfg.train.run_dir) / "slurm" / "%j"
@@ -748,7 +727,9 @@ def main(argv: list[str] | None = None) -> int:
         kind, overrides = split_words(args.words)
         cfg = load_job_config(args.config, [*overrides, *flag_overrides(args)])
         if kind in TRACKED_KINDS:
-            check_tracking(cfg)
+            from pimc_dist import tracking
+
+            tracking.check_wandb(cfg)
         precheck(kind, cfg)
         # An explicit --cluster slurm renders its script in a dry run even where Slurm is absent.
         cluster = resolve_cluster(cfg.launch.cluster)

@@ -723,12 +723,12 @@ def _log_to_wandb(
 
 def check_config(cfg: Any) -> None:
     """Grid, sweep folder, W&B and every cell's config checked before anything is submitted."""
-    from pimc_dist import finetune, launch
+    from pimc_dist import finetune, tracking
 
     if int(cfg.sweep.parallelism) < 1:
         raise config_lib.ConfigError("invalid key 'sweep.parallelism': must be at least 1")
     check_sweep_folder(cfg)
-    launch.check_tracking(cfg)
+    tracking.check_wandb(cfg)
     for cell in expand_grid(cfg):
         try:
             finetune.check_config(cell_config(cfg, cell))

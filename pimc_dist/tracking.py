@@ -17,14 +17,42 @@ from typing import Any
 
 import numpy as np
 
+from pimc_dist.config import ConfigError
+
 try:
     import wandb
 except ImportError:  # optional at import time; required only when tracking.wandb is true
     wandb = None
 
 
-class TrackingError(RuntimeError):
-    """W&B was asked for in a way that cannot work here; the message says what to do."""
+class TrackingError(ConfigError):
+    """W&B was asked for in a way that cannot work here; the message names the key and says
+    what to do. A ConfigError, so the launcher refuses it before submitting anything."""
+
+
+def has_wandb_key() -> bool:
+    """A W&B API key is set here (WANDB_API_KEY, or `wandb login`'s ~/.netrc entry)."""
+    netrc = Path.home() / ".netrc"
+    return bool(os.environ.get("WANDB_API_KEY")) or (
+        netrc.is_file() and "api.wandb.ai" in netrc.read_text()
+    )
+
+
+def check_wandb(cfg: Any) -> None:
+    """W&B as configured can start here: installed when asked for, a key when online."""
+    if not cfg.tracking.wandb or cfg.tracking.mode == "disabled":
+        return
+    if wandb is None:
+        raise TrackingError(
+            "invalid key 'tracking.wandb': true, but wandb is not installed: pip install wandb, "
+            "or set tracking.wandb=false"
+        )
+    if cfg.tracking.mode == "online" and not has_wandb_key():
+        raise TrackingError(
+            "invalid key 'tracking.mode': online needs a W&B key and none is set here: run "
+            "`wandb login` (or export WANDB_API_KEY=...), or use tracking.mode=offline and "
+            "`wandb sync <run folder>/wandb/offline-run-*` later"
+        )
 
 
 def _jsonable(value: Any) -> Any:
@@ -75,14 +103,8 @@ class Tracker:
         self._file = open(self.metrics_path, "a")  # noqa: SIM115 - closed in finish()
         if not cfg.tracking.wandb or cfg.tracking.mode == "disabled":
             return
-        if wandb is None:
-            raise TrackingError("tracking.wandb=true but wandb is not installed: pip install wandb")
+        check_wandb(cfg)
         mode = cfg.tracking.mode
-        if mode == "online" and not (os.environ.get("WANDB_API_KEY") or _netrc_has_wandb()):
-            raise TrackingError(
-                "tracking.mode=online needs a W&B key: run `wandb login` or set WANDB_API_KEY, "
-                "or use tracking.mode=offline and `wandb sync` the run folder later"
-            )
         self.run_id = run_id or secrets.token_hex(4)
         self.run = wandb.init(
             project=cfg.tracking.project,
@@ -141,8 +163,3 @@ class Tracker:
         self._file.close()
         self._wandb_call(lambda: self.run.finish(exit_code=exit_code))
         self.run = None
-
-
-def _netrc_has_wandb() -> bool:
-    netrc = Path.home() / ".netrc"
-    return netrc.is_file() and "api.wandb.ai" in netrc.read_text()
