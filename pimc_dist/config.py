@@ -419,10 +419,28 @@ def from_yaml_text(text: str, origin: str) -> DictConfig:
     return cfg
 
 
+def check_run_folder(cfg: DictConfig, run_dir: Path, keys: tuple[str, ...]) -> None:
+    """Refuse a run folder whose saved config.yaml differs from `cfg` in `keys`: it holds a
+    different run. The same run may run there again (resume, or replace its outputs)."""
+    saved = Path(run_dir) / "config.yaml"
+    if not saved.is_file():
+        return
+    old = from_yaml_text(saved.read_text(), str(saved))
+    for key in keys:
+        a, b = (OmegaConf.select(c, key) for c in (old, cfg))
+        if a != b:
+            raise ConfigError(
+                f"invalid key 'train.run_dir': {run_dir} already holds a different run ({key}: "
+                f"{a} there, {b} now); choose another train.run_dir or name=, or delete the "
+                "folder to start over"
+            )
+
+
 __all__ = [
     "MISSING",
     "ConfigError",
     "JobConfig",
+    "check_run_folder",
     "load",
     "save",
     "to_yaml",

@@ -808,18 +808,7 @@ def check_run_folder(cfg: Any, run_dir: Path, kind: str, keys: tuple[str, ...]) 
                 f"invalid key 'train.run_dir': {run_dir} holds a {other} run ({name} is there); "
                 f"give this {kind} run its own folder with train.run_dir=... or name=..."
             )
-    saved = run_dir / "config.yaml"
-    if not saved.is_file():
-        return
-    old = config_lib.from_yaml_text(saved.read_text(), str(saved))
-    for key in keys:
-        a, b = (OmegaConf.select(c, key) for c in (old, cfg))
-        if a != b:
-            raise config_lib.ConfigError(
-                f"invalid key 'train.run_dir': {run_dir} already holds a different run ({key}: "
-                f"{a} there, {b} now); choose another train.run_dir or name=, or delete the "
-                "folder to start over"
-            )
+    config_lib.check_run_folder(cfg, run_dir, keys)
 
 
 def main(cfg: Any) -> int:

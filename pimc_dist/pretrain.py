@@ -46,6 +46,11 @@ from pimc_dist.tracking import Tracker
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12}
 
 
+# The settings that make a pretraining what it is: a run folder that holds one with other
+# values is refused (resuming it would mix two runs); others may change on a resume.
+RUN_IDENTITY = ("method", "model", "loss.name", "data.shard_dir")
+
+
 class TrainingError(RuntimeError):
     """Training cannot go on (non-finite losses, a dead rank, a different run in the folder)."""
 
@@ -160,7 +165,8 @@ def check_config(cfg: Any) -> None:
             f"loader.shards: no shards found at {cfg.loader.shards} (no manifest.json); make them with "
             f"`python -m pimc_dist.shard --config <your data or pretrain YAML>` (data.shard_dir={cfg.data.shard_dir})"
         )
-    _check_run_folder(cfg, Path(cfg.train.run_dir))  # before the launcher rewrites config.yaml
+    # Before the launcher rewrites config.yaml.
+    config_lib.check_run_folder(cfg, Path(cfg.train.run_dir), RUN_IDENTITY)
 
 
 def _check_model(cfg: Any) -> None:
@@ -176,21 +182,6 @@ def _check_model(cfg: Any) -> None:
         match = re.fullmatch(r"view '([^']+)': (.*)", str(exc), flags=re.S)
         key, message = (f"model.views.{match[1]}", match[2]) if match else ("model", str(exc))
         raise config_lib.ConfigError(f"{key}: {message}") from None
-
-
-def _check_run_folder(cfg: Any, run_dir: Path) -> None:
-    """Refuse to resume into a folder that holds a different run."""
-    saved = run_dir / "config.yaml"
-    if not saved.is_file():
-        return
-    old = config_lib.from_yaml_text(saved.read_text(), str(saved))
-    for key in ("method", "model", "loss.name", "data.shard_dir"):
-        a, b = (OmegaConf.select(c, key) for c in (old, cfg))
-        if a != b:
-            raise TrainingError(
-                f"{run_dir} already holds a different run ({key}: {a} there, {b} now); "
-                f"choose another train.run_dir or name=, or delete the folder to start over"
-            )
 
 
 def _cast_floats(batch: dict[str, Any], dtype: torch.dtype) -> dict[str, Any]:
@@ -261,8 +252,7 @@ def main(cfg: Any) -> int:
     load_universal = bool(
         state and state["world_size"] != world and any((ckpt_dir / tag).glob("*optim_states.pt"))
     )
-    if rank == 0:
-        _check_run_folder(cfg, run_dir)
+    if rank == 0:  # check_config above refused a folder that holds a different run
         run_dir.mkdir(parents=True, exist_ok=True)
         config_lib.save(cfg, run_dir / "config.yaml")
         if load_universal:

@@ -122,3 +122,18 @@ def test_every_shipped_yaml_loads(path):
 def test_real_dataset_config_requires_its_root():
     with pytest.raises(config.ConfigError, match="missing required value.*data.root"):
         config.load(REPO / "configs/pretrain/pimc.yaml")
+
+
+def test_run_folder_check_names_the_differing_key_and_a_garbled_saved_config(tmp_path):
+    cfg = config.load(None, [f"train.run_dir={tmp_path}", "loss.name=clip"])
+    config.check_run_folder(cfg, tmp_path, ("loss.name",))  # no config.yaml: a new folder
+    config.save(cfg, tmp_path / "config.yaml")
+    config.check_run_folder(cfg, tmp_path, ("loss.name",))  # the same run again
+    other = config.load(None, [f"train.run_dir={tmp_path}", "loss.name=siglip"])
+    with pytest.raises(
+        config.ConfigError, match=r"different run \(loss.name: clip there, siglip now\)"
+    ):
+        config.check_run_folder(other, tmp_path, ("loss.name",))
+    (tmp_path / "config.yaml").write_text("train: [unclosed")
+    with pytest.raises(config.ConfigError, match="config.yaml: not valid YAML"):
+        config.check_run_folder(cfg, tmp_path, ("loss.name",))
