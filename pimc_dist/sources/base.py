@@ -8,6 +8,7 @@ records format-free means a new dataset needs a reader and nothing else.
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,6 +25,23 @@ class SourceError(ValueError):
 
     def __reduce__(self):  # picklable across worker processes
         return (type(self), (self.path, self.problem))
+
+
+def expected_image_shape(
+    image_size: int | None, paths: Iterable[Any], read_shape: Callable[[Any], tuple[int, int]]
+) -> tuple[int, int] | None:
+    """The (H, W) every image of a dataset must have: `image_size` square, else that of the
+    first of `paths` whose header reads (None if none does: every read then reports itself)."""
+    if image_size is not None:
+        if image_size < 1:
+            raise ValueError(f"image_size must be positive, not {image_size}")
+        return image_size, image_size
+    for path in paths:
+        try:
+            return read_shape(path)
+        except Exception:  # unreadable: the read of that image reports it
+            continue
+    return None
 
 
 @dataclass

@@ -25,11 +25,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
-import tifffile
 from PIL import Image
 
-from pimc_dist.sources.base import ScenePatch, SourceError
-from pimc_dist.sources.tiff_io import read_tiff
+from pimc_dist.sources.base import ScenePatch, SourceError, expected_image_shape
+from pimc_dist.sources.tiff_io import read_tiff, tiff_shape
 
 CLASSES: tuple[str, ...] = (
     "AnnualCrop",
@@ -123,24 +122,10 @@ class EuroSATSource:
             self.band_names = list(FILE_BANDS if band_order == "file" else STANDARD_BANDS)
         else:
             self.band_names = list(RGB_BANDS)
-        if image_size is not None and image_size < 1:
-            raise ValueError(f"image_size must be positive, not {image_size}")
-        self.image_shape = (image_size, image_size) if image_size else self._first_image_shape()
-
-    def _first_image_shape(self) -> tuple[int, int] | None:
-        """(H, W) of the first image whose header reads; None if none does (every read fails)."""
-        for index in range(len(self)):
-            try:
-                if self.multispectral:
-                    with tifffile.TiffFile(self.path(index)) as tif:
-                        page = tif.pages[0]
-                        return int(page.imagelength), int(page.imagewidth)
-                with Image.open(self.path(index)) as img:
-                    width, height = img.size
-                    return int(height), int(width)
-            except Exception:  # unreadable: the read of that image reports it
-                continue
-        return None
+        read_shape = tiff_shape if multispectral else _jpeg_shape
+        self.image_shape = expected_image_shape(
+            image_size, (self.path(i) for i in range(len(self))), read_shape
+        )
 
     def _names_from_folders(self) -> list[tuple[str, int]]:
         names = []
@@ -207,6 +192,12 @@ class EuroSATSource:
     def __iter__(self) -> Iterator[ScenePatch]:
         for index in range(len(self)):
             yield self[index]
+
+
+def _jpeg_shape(path: str | os.PathLike) -> tuple[int, int]:
+    with Image.open(path) as img:
+        width, height = img.size
+    return int(height), int(width)
 
 
 def read_rgb(path: str | os.PathLike, size: tuple[int, int] | None = None) -> np.ndarray:

@@ -42,10 +42,9 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
-import tifffile
 
-from pimc_dist.sources.base import MultimodalPatch, SourceError
-from pimc_dist.sources.tiff_io import read_tiff
+from pimc_dist.sources.base import MultimodalPatch, SourceError, expected_image_shape
+from pimc_dist.sources.tiff_io import read_tiff, tiff_shape
 
 SEASONS: tuple[str, ...] = (
     "ROIs1158_spring",
@@ -219,19 +218,9 @@ class Sen12MSSource:
             triplets = [t for t in triplets if patch_id(*t) not in BROKEN_PATCHES]
         self.triplets: list[tuple[str, int, int]] = triplets
         self.ids: list[str] = [patch_id(*t) for t in triplets]
-        if image_size is not None and image_size < 1:
-            raise ValueError(f"image_size must be positive, not {image_size}")
-        self.image_shape = (image_size, image_size) if image_size else self._first_s2_shape()
-
-    def _first_s2_shape(self) -> tuple[int, int] | None:
-        """(H, W) of the first S2 file whose header reads; None if none does."""
-        for index in range(len(self)):
-            try:
-                with tifffile.TiffFile(self.paths(index)["s2"]) as tif:
-                    return int(tif.pages[0].imagelength), int(tif.pages[0].imagewidth)
-            except Exception:  # unreadable: the read of that triplet reports it
-                continue
-        return None
+        self.image_shape = expected_image_shape(
+            image_size, (self.paths(i)["s2"] for i in range(len(self))), tiff_shape
+        )
 
     def _keep_listed(self, triplets: list[tuple[str, int, int]], path: Path) -> list:
         wanted = self._read_split_file(path)

@@ -31,6 +31,13 @@ GEOGRAPHIC_TYPE_KEY = 2048
 PROJECTED_CS_TYPE_KEY = 3072
 
 
+def tiff_shape(path: str | os.PathLike) -> tuple[int, int]:
+    """(H, W) of a TIFF's first page, from its header alone."""
+    with tifffile.TiffFile(path) as tif:
+        page = tif.pages[0]
+        return int(page.imagelength), int(page.imagewidth)
+
+
 def read_tiff(
     path: str | os.PathLike,
     *,
