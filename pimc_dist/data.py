@@ -736,18 +736,27 @@ def _fill(buf: np.ndarray, payloads: list[Any]) -> None:
 # ---------------------------------------------------------------------------
 
 
+def _nbytes(shape: tuple[int, ...], dtype: np.dtype) -> int:
+    return math.prod(shape) * dtype.itemsize
+
+
+def _aligned(nbytes: int) -> int:
+    return -(-nbytes // 64) * 64
+
+
 def _carve(buffer: np.ndarray, layout: dict[str, tuple[tuple[int, ...], np.dtype]]) -> dict:
     """Arrays of `layout` laid one after another (64-byte aligned) in the uint8 `buffer`."""
     arrays, offset = {}, 0
     for key, (shape, dtype) in layout.items():
-        nbytes = math.prod(shape) * dtype.itemsize
+        nbytes = _nbytes(shape, dtype)
         arrays[key] = buffer[offset : offset + nbytes].view(dtype).reshape(shape)
-        offset += -(-nbytes // 64) * 64
+        offset += _aligned(nbytes)
     return arrays
 
 
 def _layout_bytes(layout: dict[str, tuple[tuple[int, ...], np.dtype]]) -> int:
-    return sum(-(-math.prod(shape) * dtype.itemsize // 64) * 64 for shape, dtype in layout.values())
+    """The bytes `_carve` lays `layout` out in."""
+    return sum(_aligned(_nbytes(shape, dtype)) for shape, dtype in layout.values())
 
 
 @dataclass(frozen=True)
@@ -1276,11 +1285,12 @@ def build_loader(
     pin = device is not None and torch.device(device).type == "cuda"
     if workers > 0:
         # One slot more than the batches a worker may have in flight (prefetch_factor).
-        layout = stream.builder.layout(stream.batch_size)
+        batch_bytes = _layout_bytes(stream.builder.layout(stream.batch_size))
         slots = int(lc.prefetch_factor) + 1
-        ring_bytes = _layout_bytes(layout) * workers * slots
-        if ring_bytes <= shared_memory_free() // 2:
-            stream.ring = BatchRing(_layout_bytes(layout), workers, slots)
+        ring_bytes = batch_bytes * workers * slots
+        shm_free = shared_memory_free()
+        if ring_bytes <= shm_free // 2:
+            stream.ring = BatchRing(batch_bytes, workers, slots)
         else:
             # tmpfs pages are only taken when touched: a ring larger than /dev/shm would
             # die of SIGBUS mid-run instead of failing here. Batches then travel as torch's
@@ -1292,7 +1302,7 @@ def build_loader(
                 ring_bytes / 2**20,
                 workers,
                 slots,
-                shared_memory_free() / 2**20,
+                shm_free / 2**20,
             )
     dataloader = DataLoader(
         stream,
