@@ -609,6 +609,16 @@ _RESHARD = (
 )
 
 
+def _stale_sidecar(path: Path, info: dict[str, Any]) -> str | None:
+    """The problem of a shard sidecar written in another schema, or None."""
+    if info.get("schema_version") == SCHEMA_VERSION:
+        return None
+    return (
+        f"{path}: schema_version {info.get('schema_version')}, this code writes "
+        f"{SCHEMA_VERSION}: {_RESHARD} into a new folder"
+    )
+
+
 def _check(cond: bool, path: Path, key: str, problem: str) -> None:
     if not cond:
         raise ShardError(f"{path}: key '{key}' {problem}")
@@ -905,11 +915,9 @@ class ShardSetWriter:
                 f"{path}: {path.stat().st_size} bytes but {sidecar.name} says {size}; "
                 "remove both to rewrite the shard"
             )
-        if info.get("schema_version") != SCHEMA_VERSION:
-            raise ShardError(
-                f"{sidecar}: schema_version {info.get('schema_version')}, this code writes "
-                f"{SCHEMA_VERSION}: {_RESHARD} into a new folder"
-            )
+        stale = _stale_sidecar(sidecar, info)
+        if stale:
+            raise ShardError(stale)
         return True
 
     def begin_shard(self, index: int) -> None:
@@ -1155,11 +1163,9 @@ def merge_manifest(
         except (OSError, ValueError, KeyError, TypeError) as exc:
             problems.append(f"{path}: unreadable sidecar ({exc!r})")
             continue
-        if info.get("schema_version") != SCHEMA_VERSION:
-            problems.append(
-                f"{path}: schema_version {info.get('schema_version')}, this code writes "
-                f"{SCHEMA_VERSION}: {_RESHARD} into a new folder"
-            )
+        stale = _stale_sidecar(path, info)
+        if stale:
+            problems.append(stale)
             continue
         if tar.stat().st_size != info["bytes"]:
             problems.append(f"{tar}: {tar.stat().st_size} bytes, its sidecar says {info['bytes']}")
