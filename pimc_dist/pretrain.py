@@ -19,7 +19,6 @@ import math
 import re
 import sys
 import time
-import traceback
 from pathlib import Path
 from typing import Any
 
@@ -216,14 +215,15 @@ def _gather_objects(obj: Any) -> list[Any]:
     return out
 
 
-def flops_per_sample(cfg: Any) -> float:
+def flops_per_sample(cfg: Any, model: torch.nn.Module | None = None) -> float:
     """Analytic training FLOPs per sample: 3x the forward of every view's tower (encoder and
     head, at the configured widths, stems and patch sizes), twice for MoSAiC's two
-    augmentations. The model is built on the meta device for it."""
+    augmentations. `model`: the built model of `cfg`, else it is built on the meta device."""
     from pimc_dist.models import count_flops
 
-    with torch.device("meta"):
-        model = build_model(cfg)
+    if model is None:
+        with torch.device("meta"):
+            model = build_model(cfg)
     augmentations = 2 if cfg.method == "mosaic" else 1
     return 3.0 * augmentations * count_flops(model)
 
@@ -272,9 +272,10 @@ def main(cfg: Any) -> int:
     from pimc_dist import data
 
     model = build_model(cfg)
+    train_flops = flops_per_sample(cfg, model)
     if rank == 0:
         print(model_summary(model))
-        print(f"training FLOPs per sample (3x forward): {human_count(flops_per_sample(cfg))}")
+        print(f"training FLOPs per sample (3x forward): {human_count(train_flops)}")
     loss_fn = build_loss(cfg)
     accum = int(cfg.train.grad_accum)
     total = int(cfg.train.total_samples)
@@ -305,7 +306,6 @@ def main(cfg: Any) -> int:
     tracker = Tracker(
         cfg, rank=rank, run_dir=run_dir, run_id=run_id, config=OmegaConf.to_container(cfg)
     )
-    train_flops = flops_per_sample(cfg)
     peak = _peak_flops(device)
 
     saved_step = step if tag else None  # the step of the latest checkpoint
@@ -546,12 +546,6 @@ def cli(argv: list[str] | None = None) -> int:
         return main(cfg)
     except (TrainingError, CheckpointError, config_lib.ConfigError) as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 1
-    except Exception:
-        # A bug. Returning (not raising) frees main's frame and with it the loader, whose
-        # workers ignore SIGTERM: an exception reaching interpreter exit would leave
-        # multiprocessing's exit handler waiting for them forever.
-        traceback.print_exc()
         return 1
 
 
