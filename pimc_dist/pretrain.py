@@ -39,6 +39,7 @@ from pimc_dist.engine import (
     set_rng_state,
 )
 from pimc_dist.models.summary import human_count, model_summary
+from pimc_dist.shardio import ShardError
 from pimc_dist.tracking import Tracker
 
 # Peak dense bf16 FLOP/s per device, for MFU. Unknown devices report no MFU.
@@ -544,7 +545,7 @@ def cli(argv: list[str] | None = None) -> int:
         return 2
     try:
         return main(cfg)
-    except (TrainingError, CheckpointError, config_lib.ConfigError) as exc:
+    except (TrainingError, CheckpointError, ShardError, config_lib.ConfigError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -429,6 +430,17 @@ def test_a_different_run_in_the_folder_is_refused(tmp_path, shards):
     results = run_ranks(run, shards, 1, ["train.total_samples=64", "loss.name=siglip"])
     code, out = results[0]
     assert code == 1 and "already holds a different run" in out and "loss.name" in out
+
+
+def test_shards_of_an_older_format_stop_with_a_clear_message(tmp_path, shards):
+    old = tmp_path / "old_shards"
+    shutil.copytree(shards, old)
+    manifest = json.loads((old / "manifest.json").read_text())
+    manifest["schema_version"] = 1
+    (old / "manifest.json").write_text(json.dumps(manifest))
+    code, out = run_ranks(tmp_path / "run", old, 1, ["train.total_samples=64"])[0]
+    assert code == 1 and "error:" in out and "shard it again" in out, out[-3000:]
+    assert "Traceback" not in out
 
 
 def test_non_finite_loss_stops_with_a_clear_message(tmp_path, shards):
