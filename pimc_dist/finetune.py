@@ -464,7 +464,7 @@ def encode(
 
     `progress`: a label for a progress bar (rate and ETA, on stderr); None shows none.
     """
-    from pimc_dist.probe import progress_bar
+    from pimc_dist.progress import progress_bar
 
     model.eval()
     out = []

@@ -23,7 +23,6 @@ import json
 import logging
 import math
 import os
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pimc_dist.progress import progress_bar
 from pimc_dist.tasks import SplitData, Task
 
 log = logging.getLogger(__name__)
@@ -107,24 +107,6 @@ def load_split_features(folder: Path, split: str) -> tuple[np.ndarray, SplitData
         return None
     data = SplitData({}, target, keys, tensors.get("base"), dropped, tensors.get("window"))
     return features, data
-
-
-def progress_bar(total: int, label: str | None, unit: str = "it") -> Any:
-    """A tqdm bar with count, rate and ETA on stderr; `label` None makes it silent (other ranks).
-
-    It refreshes every 0.5 s on a terminal and every 30 s otherwise: Slurm logs are files.
-    """
-    from tqdm import tqdm
-
-    return tqdm(
-        total=total,
-        desc=label,
-        unit=unit,
-        mininterval=0.5 if sys.stderr.isatty() else 30.0,
-        file=sys.stderr,
-        disable=label is None,
-        dynamic_ncols=True,
-    )
 
 
 # ---------------------------------------------------------------------------
@@ -316,7 +298,6 @@ __all__ = [
     "cache_key",
     "file_identity",
     "load_split_features",
-    "progress_bar",
     "save_split_features",
     "standardize",
     "train_linear_heads",

@@ -679,8 +679,7 @@ def _retry_skipped(out: Path, indices: list[int]) -> list[int]:
 
 def run(cfg: Any, *, retry_skipped: bool = False, plan_only: bool = False) -> RunResult:
     """Shard the dataset of `cfg.data` (see the module docstring); returns what was done."""
-    from tqdm import tqdm
-
+    from pimc_dist.progress import progress_bar
     from pimc_dist.shardio import MANIFEST_NAME, REPORT_NAME, ShardSetWriter, shard_name
     from pimc_dist.sources import open_source
 
@@ -717,9 +716,8 @@ def run(cfg: Any, *, retry_skipped: bool = False, plan_only: bool = False) -> Ru
         # A manifest claims a complete set; with shards to (re)write it is stale.
         (out / MANIFEST_NAME).unlink(missing_ok=True)
         n_patches = sum(len(plan.patches(i)) for i in todo)
-        # Always on: Slurm logs are not terminals, and a bar every 30 s is what they need.
-        interval = 0.5 if sys.stderr.isatty() else 30.0
-        with tqdm(total=n_patches, unit="patch", mininterval=interval, file=sys.stderr) as bar:
+        # Always on (a label): Slurm logs are not terminals, and still get a bar every 30 s.
+        with progress_bar(n_patches, "", unit="patch") as bar:
             written = _write_shards(cfg, plan, todo, workers, bar)
     seconds = time.perf_counter() - t0
     if written:
