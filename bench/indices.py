@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from pimc_dist.indices import index_series
-from pimc_dist.sampling import sample_pixels
+from pimc_dist.pixel_selection import sample_pixels
 
 BANDS = ["B02", "B03", "B04", "B05", "B06", "B07", "B08", "B8A", "B11", "B12"]
 RESULTS = Path(__file__).resolve().parent / "results" / "indices.json"

@@ -17,7 +17,7 @@ the plots. Then, in this one process
   ours png + series      the same with the series view too
   ours png stored        plots written with zlib level 0 (bigger files, nothing to inflate)
   ours rp on the fly     series-only shards, plots computed in the loader (CPU, 1 thread)
-  ours via build_loader  "ours png" the way training gets it: pimc_dist.data.build_loader
+  ours via build_loader  "ours png" the way training gets it: pimc_dist.shardset.build_loader
                          with 1 and 2 DataLoader workers, so the hop from worker to trainer
                          (shared memory, pickling) counts; per worker = total / workers,
                          and on a 2-core machine 2 workers share the cores with the trainer
@@ -106,7 +106,7 @@ SETS = {  # name: (PNG zlib level, keep the plots)
 
 def write_sets(root: Path, n: int, shard_samples: int) -> dict[str, float]:
     """Write the shard sets of SETS from the same samples; returns each one's write time."""
-    from pimc_dist.shardio import ShardSetWriter
+    from pimc_dist.shardset import ShardSetWriter
 
     rng = np.random.default_rng(0)
     classes = [f"class{k}" for k in range(20)]
@@ -166,15 +166,15 @@ def main() -> None:
     import webdataset as wds
 
     from pimc_dist import config as config_lib
-    from pimc_dist import shardio
-    from pimc_dist.data import ShardStream, build_loader
+    from pimc_dist import shardset
+    from pimc_dist.shardset import ShardStream, build_loader
 
     numba.set_num_threads(1)  # one worker = one core, as inside a DataLoader worker
     torch.set_num_threads(1)
     root = args.keep or Path(tempfile.mkdtemp(prefix="bench_loader_"))
     try:
         write_seconds = write_sets(root, args.samples, args.shard_samples)
-        sets = {name: shardio.read_manifest(root / name) for name in SETS}
+        sets = {name: shardset.read_manifest(root / name) for name in SETS}
         urls = {name: [str(p) for p in m.shard_paths()] for name, m in sets.items()}
         total_bytes = {name: sum(s.bytes for s in m.shards) for name, m in sets.items()}
         n = args.samples
@@ -187,7 +187,7 @@ def main() -> None:
             return n
 
         def ours_raw() -> int:
-            return sum(1 for url in urls["png"] for _ in shardio.iter_shard_samples(url))
+            return sum(1 for url in urls["png"] for _ in shardset.iter_shard_samples(url))
 
         def wds_pipeline(*decode) -> int:
             dataset = wds.WebDataset(urls["png"], shardshuffle=False, empty_check=False)

@@ -63,7 +63,7 @@ def build_and_write(work: Path) -> tuple[dict, dict, dict]:
     import webdataset as wds
 
     from pimc_dist import config, shard
-    from pimc_dist.shardio import ShardSetWriter
+    from pimc_dist.shardset import ShardSetWriter
     from pimc_dist.sources import open_source
 
     cfg = config.load("configs/data/demo.yaml", [f"data.root={work / 'raw'}"])

@@ -27,7 +27,7 @@ import torch
 from omegaconf import OmegaConf
 
 from pimc_dist import config as config_lib
-from pimc_dist import distributed
+from pimc_dist import distributed, shardset
 from pimc_dist.engine import (
     UNIVERSAL_SUFFIX,
     CheckpointError,
@@ -39,7 +39,7 @@ from pimc_dist.engine import (
     set_rng_state,
 )
 from pimc_dist.models.summary import human_count, model_summary
-from pimc_dist.shardio import ShardError
+from pimc_dist.shardset import ShardError
 from pimc_dist.tracking import Tracker
 
 # Peak dense bf16 FLOP/s per device, for MFU. Unknown devices report no MFU.
@@ -270,7 +270,6 @@ def main(cfg: Any) -> int:
     if cfg.train.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
 
-    from pimc_dist import data
 
     model = build_model(cfg)
     train_flops = flops_per_sample(cfg, model)
@@ -303,7 +302,7 @@ def main(cfg: Any) -> int:
         if rank == 0:
             print(f"resumed from {ckpt_dir / tag} at step {step} ({samples_seen} samples seen)")
 
-    loader = data.build_loader(cfg, rank=rank, world_size=world, device=device)
+    loader = shardset.build_loader(cfg, rank=rank, world_size=world, device=device)
     tracker = Tracker(
         cfg, rank=rank, run_dir=run_dir, run_id=run_id, config=OmegaConf.to_container(cfg)
     )

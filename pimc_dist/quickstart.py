@@ -89,7 +89,8 @@ def _estimates(cached_shards: bool) -> list[float]:
 
 def run(run_root: Path = RUN_ROOT) -> dict[str, Any]:
     """All four steps; returns what results.json holds."""
-    from pimc_dist import finetune, launch, shard
+    from pimc_dist import launch, shard
+    from pimc_dist.eval import finetune
 
     configs = REPO / "configs"
     pretrain_dir = (run_root / "pretrain").resolve()
@@ -163,9 +164,9 @@ def drop_stale_cache(shard_dir: Path) -> bool:
     The built-in set is ours to rebuild, so an upgrade does not leave the newcomer with
     a "shard it again" error; user shard sets are never touched this way.
     """
-    from pimc_dist import shard, shardio
+    from pimc_dist import shard, shardset
 
-    current = {shard.PLAN_NAME: shard.PLAN_SCHEMA, shardio.MANIFEST_NAME: shardio.SCHEMA_VERSION}
+    current = {shard.PLAN_NAME: shard.PLAN_SCHEMA, shardset.MANIFEST_NAME: shardset.SCHEMA_VERSION}
     for name, version in current.items():
         path = shard_dir / name
         try:

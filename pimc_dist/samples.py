@@ -47,7 +47,7 @@ from typing import Any
 
 import numpy as np
 
-from pimc_dist import indices, recurrence, sampling
+from pimc_dist import indices, pixel_selection, recurrence
 from pimc_dist.sources.base import MultimodalPatch, ScenePatch, TimeSeriesPatch
 
 MAX_KEY_LENGTH = 80  # tar member names hold 100 bytes: key + ".series.npy" must fit
@@ -214,13 +214,13 @@ def pimc_samples(
     notes = []
     if n_bad:
         notes.append(f"{n_bad} of {height * width} pixels have no valid observation")
-    pixels = sampling.sample_pixels(
+    pixels = pixel_selection.sample_pixels(
         ~result.all_invalid,
         cfg.pixels_per_patch,
         labels=patch.labels,
         stratify=cfg.stratify and patch.labels is not None,
         exclude_labels=cfg.exclude_labels if patch.labels is not None else (),
-        seed=sampling.patch_seed(cfg.seed, patch.patch_id),
+        seed=pixel_selection.patch_seed(cfg.seed, patch.patch_id),
     )
     if len(pixels) == 0:
         return [], notes + ["no pickable pixel (every valid pixel has an excluded label)"]

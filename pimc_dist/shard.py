@@ -226,7 +226,7 @@ def build_samples(source: Any, index: int, sampling: Any) -> tuple[list[dict[str
 
 def _encoded_bytes(sample: dict[str, Any]) -> int:
     """Bytes a sample takes in a tar: a 512-byte header plus padded payload per member."""
-    from pimc_dist.shardio import encode_member
+    from pimc_dist.shardset import encode_member
 
     total = 0
     for suffix, value in sample.items():
@@ -272,7 +272,7 @@ def _new_plan(data: Any, source: Any, ids: list[str], identity_only: bool = Fals
 
 
 def _read_plan(path: Path) -> ShardPlan:
-    from pimc_dist.shardio import ShardError
+    from pimc_dist.shardset import ShardError
 
     try:
         info = json.loads(path.read_text())
@@ -299,7 +299,7 @@ def load_or_create_plan(data: Any, source: Any, out: Path) -> ShardPlan:
 
     Raises ShardError when the folder holds a plan (or shards) of another config or dataset.
     """
-    from pimc_dist.shardio import ShardError
+    from pimc_dist.shardset import ShardError
 
     ids = patch_ids(source.reader)
     if not ids:
@@ -429,7 +429,7 @@ def _init_worker(cfg_yaml: str, plan_text: str, progress: Any = None) -> None:
 
 def write_shard(index: int) -> ShardResult:
     """Write shard `index` with the worker state; ShardError (picklable) on failure."""
-    from pimc_dist.shardio import ShardError
+    from pimc_dist.shardset import ShardError
 
     if "init_error" in _WORKER:
         raise ShardError(f"shard {index}: worker set-up failed: {_WORKER['init_error']}")
@@ -445,7 +445,7 @@ def _write_shard(
     index: int, *, cfg: Any, source: Any, sampling: Any, plan: ShardPlan, ids: list[str], progress
 ) -> ShardResult:
     """Samples of the patches of shard `index`, their skips listed in its sidecar."""
-    from pimc_dist.shardio import ShardError, ShardSetWriter
+    from pimc_dist.shardset import ShardError, ShardSetWriter
     from pimc_dist.sources import SourceError
 
     writer = ShardSetWriter(
@@ -498,7 +498,7 @@ class RunResult:
     written: list[ShardResult]  # shards written now (the rest were complete)
     seconds: float  # the whole run
     write_seconds: float = 0.0  # writing the shards (process pool start-up included)
-    manifest: Any = None  # shardio.Manifest once the set is complete, else None
+    manifest: Any = None  # shardset.Manifest once the set is complete, else None
 
     @property
     def samples_written(self) -> int:
@@ -563,7 +563,7 @@ def _write_shards(cfg: Any, plan: ShardPlan, todo: list[int], workers: int, bar:
     from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
     from concurrent.futures.process import BrokenProcessPool
 
-    from pimc_dist.shardio import ShardError
+    from pimc_dist.shardset import ShardError
 
     cfg_yaml, plan_text = config_lib.to_yaml(cfg), _plan_text(plan)
     results: list[ShardResult] = []
@@ -609,7 +609,7 @@ def _write_shards(cfg: Any, plan: ShardPlan, todo: list[int], workers: int, bar:
 
 def _skip_counts(out: Path) -> tuple[int, int]:
     """(patches skipped, patches with pixels skipped) listed in the set's skip report."""
-    from pimc_dist.shardio import REPORT_NAME
+    from pimc_dist.shardset import REPORT_NAME
 
     entries = json.loads((out / REPORT_NAME).read_text())["skipped"]
     patches = sum(str(e["reason"]).startswith(PATCH_SKIP) for e in entries)
@@ -618,7 +618,13 @@ def _skip_counts(out: Path) -> tuple[int, int]:
 
 def _finish_set(cfg: Any, source: Any, plan: ShardPlan, out: Path) -> Any:
     """Write the manifest if every shard exists; refuse a set that lost too much."""
-    from pimc_dist.shardio import MANIFEST_NAME, REPORT_NAME, ShardError, merge_manifest, shard_name
+    from pimc_dist.shardset import (
+        MANIFEST_NAME,
+        REPORT_NAME,
+        ShardError,
+        merge_manifest,
+        shard_name,
+    )
 
     missing = [i for i in range(plan.n_shards) if not (out / shard_name(i)).is_file()]
     if missing:
@@ -662,7 +668,7 @@ def _finish_set(cfg: Any, source: Any, plan: ShardPlan, out: Path) -> Any:
 
 def _retry_skipped(out: Path, indices: list[int]) -> list[int]:
     """Remove the complete shards among `indices` that skipped a patch; return their indices."""
-    from pimc_dist.shardio import shard_name, sidecar_name
+    from pimc_dist.shardset import shard_name, sidecar_name
 
     removed = []
     for index in indices:
@@ -680,7 +686,7 @@ def _retry_skipped(out: Path, indices: list[int]) -> list[int]:
 def run(cfg: Any, *, retry_skipped: bool = False, plan_only: bool = False) -> RunResult:
     """Shard the dataset of `cfg.data` (see the module docstring); returns what was done."""
     from pimc_dist.progress import progress_bar
-    from pimc_dist.shardio import MANIFEST_NAME, REPORT_NAME, ShardSetWriter, shard_name
+    from pimc_dist.shardset import MANIFEST_NAME, REPORT_NAME, ShardSetWriter, shard_name
     from pimc_dist.sources import open_source
 
     t_start = time.perf_counter()
@@ -783,7 +789,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(cfg: Any, *, retry_skipped: bool = False, plan_only: bool = False) -> int:
     """Shard with a loaded config (also the entry `pimc_dist.launch` calls); an exit status."""
-    from pimc_dist.shardio import ShardError
+    from pimc_dist.shardset import ShardError
 
     try:
         run(cfg, retry_skipped=retry_skipped, plan_only=plan_only)

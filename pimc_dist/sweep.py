@@ -660,7 +660,7 @@ def plot_results(rows: list[dict[str, Any]], path: Path) -> Path | None:
 
 
 def _val_better(a: float, b: float, task: str) -> bool:
-    from pimc_dist.tasks import get_task
+    from pimc_dist.eval.tasks import get_task
 
     if math.isnan(b):
         return True
@@ -723,7 +723,8 @@ def _log_to_wandb(
 
 def check_config(cfg: Any) -> None:
     """Grid, sweep folder, W&B and every cell's config checked before anything is submitted."""
-    from pimc_dist import finetune, tracking
+    from pimc_dist import tracking
+    from pimc_dist.eval import finetune
 
     if int(cfg.sweep.parallelism) < 1:
         raise config_lib.ConfigError("invalid key 'sweep.parallelism': must be at least 1")
@@ -742,7 +743,7 @@ def check_sweep_folder(cfg: Any) -> None:
     The grid, overrides and task configs may change between submissions: cells are
     kept by id, and fixing what made some fail, then rerunning them, is the usual way.
     """
-    from pimc_dist import finetune
+    from pimc_dist.eval import finetune
 
     folder = sweep_dir(cfg)
     saved = folder / "config.yaml"

@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from pimc_dist import shardio
+from pimc_dist import shardset
 from pimc_dist.tracking import read_metrics
 
 
@@ -47,16 +47,16 @@ def _stretch(x: np.ndarray) -> np.ndarray:
 
 def read_samples(shard_dir: str | Path, n: int) -> tuple[list[dict[str, Any]], list[str]]:
     """The first `n` decoded samples of a shard set, and its class list."""
-    manifest = shardio.read_manifest(shard_dir)
+    manifest = shardset.read_manifest(shard_dir)
     out: list[dict[str, Any]] = []
     for path in manifest.shard_paths():
-        for raw in shardio.iter_shard_samples(path, limit=n - len(out)):
+        for raw in shardset.iter_shard_samples(path, limit=n - len(out)):
             sample: dict[str, Any] = {"__key__": raw["__key__"]}
             for name, data in raw.items():
                 if name.endswith(".npy"):
-                    sample[name[:-4]] = shardio.decode_npy(data)
+                    sample[name[:-4]] = shardset.decode_npy(data)
                 elif name.endswith(".png"):
-                    sample[name[:-4]] = shardio.decode_png(data)
+                    sample[name[:-4]] = shardset.decode_png(data)
                 elif name == "json":
                     import json
 
@@ -165,7 +165,7 @@ def sweep_groups(
     else the task's primary test metric (the row's `primary` column, written by
     the sweep; else the task's own).
     """
-    from pimc_dist.tasks import TASKS
+    from pimc_dist.eval.tasks import TASKS
 
     out: dict[str, tuple[str, dict[str, list[float]]]] = {}
     for r in rows:
@@ -269,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
             path = plot_curves(args.run_dir, args.out or Path(args.run_dir) / "curves.png")
         else:
             path = plot_sweep(args.results_csv, args.out, args.metric)
-    except (OSError, ValueError, shardio.ShardError) as exc:
+    except (OSError, ValueError, shardset.ShardError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     print(f"wrote {path}")

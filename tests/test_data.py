@@ -18,9 +18,9 @@ import torch
 from torch.utils.data import DataLoader
 
 from pimc_dist import config as config_lib
-from pimc_dist import data, shardio
-from pimc_dist.data import LoaderError, ShardStream
-from pimc_dist.shardio import ShardError, ShardSetWriter
+from pimc_dist import shardset
+from pimc_dist.shardset import LoaderError, ShardError, ShardSetWriter, ShardStream
+from pimc_dist.shardset import loader as data
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -74,7 +74,7 @@ def stream(out, **kw) -> ShardStream:
     kw.setdefault("batch_size", 8)
     kw.setdefault("resampled", False)
     kw.setdefault("shuffle_buffer", 16)
-    return ShardStream(shardio.read_manifest(out), **kw)
+    return ShardStream(shardset.read_manifest(out), **kw)
 
 
 def keys_of(batches) -> list[str]:
@@ -100,7 +100,7 @@ def test_round_trip_is_bit_exact_without_normalisation(tmp_path, rsi_dtype):
 
 def test_normalisation_uses_the_manifest_statistics(tmp_path):
     write_pimc(tmp_path, [16])
-    manifest = shardio.read_manifest(tmp_path)
+    manifest = shardset.read_manifest(tmp_path)
     raw = next(iter(stream(tmp_path, normalize=False, shuffle=False)))
     norm = next(iter(stream(tmp_path, normalize=True, shuffle=False)))
     for view in VIEWS:
@@ -223,7 +223,7 @@ def test_corrupt_and_truncated_shards_are_skipped_counted_and_logged(tmp_path, c
     cut = tmp_path / "shard-000002.tar"
     cut.write_bytes(cut.read_bytes()[:9000])
     s = stream(tmp_path, normalize=False, views=["rsi"])
-    with caplog.at_level(logging.WARNING, logger="pimc_dist.data"):
+    with caplog.at_level(logging.WARNING, logger="pimc_dist.shardset.loader"):
         batches = list(s)
     assert len(batches) == 6  # the epoch still has its batch count (the good samples are re-read)
     stats = s.stats.as_dict()
@@ -262,7 +262,7 @@ def test_undecodable_samples_are_skipped_by_reason_and_the_run_goes_on(tmp_path,
         path, "p00005.rsi.npy", lambda b: b.replace(b"(4, 6, 6)", b"(6, 4, 6)")
     )  # wrong shape
     once = stream(tmp_path, shuffle=False, drop_last=False)
-    with caplog.at_level(logging.WARNING, logger="pimc_dist.data"):
+    with caplog.at_level(logging.WARNING, logger="pimc_dist.shardset.loader"):
         delivered = keys_of(once)
     assert once.stats.skipped == {"tar": 0, "missing": 1, "decode": 3, "shape": 1}
     bad = {"p00001", "p00002", "p00003", "p00004", "p00005"}
@@ -294,7 +294,7 @@ def mosaic_set(out, n=32, size=6) -> dict[int, dict]:
 @pytest.mark.parametrize("normalize", [False, True])
 def test_augmentation_flips_aligned_views_together_and_never_the_plots(tmp_path, normalize):
     samples = mosaic_set(tmp_path)
-    stats = shardio.read_manifest(tmp_path).stats
+    stats = shardset.read_manifest(tmp_path).stats
     views = ["s2", "s1", "rp"]
     s = stream(
         tmp_path,
@@ -332,7 +332,7 @@ def test_uint16_dn_views_come_back_exactly_and_normalise_from_the_manifest(tmp_p
     with ShardSetWriter(tmp_path, kind="mosaic", classes=["x"]) as w:
         for key, array in s2.items():
             w.write({"__key__": key, "s2.npy": array, "json": {"key": key, "labels": [1]}})
-    stats = shardio.read_manifest(tmp_path).stats["s2"]
+    stats = shardset.read_manifest(tmp_path).stats["s2"]
     raw = next(iter(stream(tmp_path, views=["s2"], batch_size=16, shuffle=False, normalize=False)))
     norm = next(iter(stream(tmp_path, views=["s2"], batch_size=16, shuffle=False)))
     for j, meta in enumerate(raw["meta"]):
@@ -445,7 +445,7 @@ def test_build_loader_leaves_out_a_truncated_shard_and_ranks_keep_equal_batch_co
     cfg = loader_cfg(tmp_path, "loader.resampled=false")  # default verify=size, 2 workers
     seen, lengths = [], []
     for rank in range(2):
-        with caplog.at_level(logging.WARNING, logger="pimc_dist.data"):
+        with caplog.at_level(logging.WARNING, logger="pimc_dist.shardset.loader"):
             loader = data.build_loader(cfg, rank=rank, world_size=2)
         batches = list(loader)
         lengths.append((len(batches), loader.batches_per_epoch))
@@ -477,7 +477,7 @@ def test_a_rank_whose_whole_range_is_a_damaged_shard_tops_up_from_the_others(tmp
     counts, refills = [], []
     for rank in range(2):
         loader = data.build_loader(cfg, rank=rank, world_size=2)
-        with caplog.at_level(logging.WARNING, logger="pimc_dist.data"):
+        with caplog.at_level(logging.WARNING, logger="pimc_dist.shardset.loader"):
             keys = keys_of(loader)
         counts.append(len(keys) // 8)
         assert set(keys) <= {f"p{i:05d}" for i in range(16)} <= set(samples)
@@ -576,7 +576,7 @@ def test_without_room_in_shared_memory_the_loader_runs_without_a_ring(
 ):
     samples = write_pimc(tmp_path, [13, 11])
     monkeypatch.setattr(data, "shared_memory_free", lambda path="/dev/shm": 1024)
-    with caplog.at_level("WARNING", logger="pimc_dist.data"):
+    with caplog.at_level("WARNING", logger="pimc_dist.shardset.loader"):
         loader = data.build_loader(
             loader_cfg(tmp_path, "loader.workers=1", "loader.normalize=false"), train=False
         )
@@ -594,7 +594,8 @@ def test_a_process_that_exits_with_its_loader_alive_does_not_hang(tmp_path):
     write_pimc(tmp_path, [13, 11])
     script = textwrap.dedent(
         f"""
-        from pimc_dist import config, data
+        from pimc_dist import config
+        from pimc_dist.shardset import loader as data
         cfg = config.load(None, ["loader.shards={tmp_path}", "loader.views=[rp,rsi]",
                                  "train.batch_size=8", "loader.workers=2"])
         LOADER = data.build_loader(cfg, train=True)  # resampled: endless

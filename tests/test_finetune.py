@@ -17,14 +17,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from fixtures_scenes import write_eurosat, write_sen12ms
 from omegaconf import OmegaConf
 
 from pimc_dist import config as config_lib
-from pimc_dist import finetune, probe, shard, shardio, tasks, tracking
+from pimc_dist import shard, shardset, tracking
+from pimc_dist.eval import finetune, probe, tasks
 from pimc_dist.models import export_encoder_state, read_weights_file, save_encoder_weights
-from pimc_dist.shardio import ShardError
+from pimc_dist.shardset import ShardError
 from pimc_dist.sources.fixtures import write_pastis
-from pimc_dist.sources.fixtures_scenes import write_eurosat, write_sen12ms
 from pimc_dist.sources.reben import configilm_mock_root
 
 REPO = Path(__file__).resolve().parents[1]
@@ -147,10 +148,10 @@ def test_forecast_split_has_plots_of_the_input_window_and_residual_targets(pasti
     test = splits["test"]
     # Against the stored samples: plots of the first 32 steps, target = the next 10.
     stored = {}
-    for path in shardio.read_manifest(pastis).shard_paths():
-        for sample in shardio.iter_shard_samples(path):
+    for path in shardset.read_manifest(pastis).shard_paths():
+        for sample in shardset.iter_shard_samples(path):
             meta = json.loads(sample["json"])
-            stored[tasks.sample_key(meta)] = shardio.decode_npy(sample["series.npy"])
+            stored[tasks.sample_key(meta)] = shardset.decode_npy(sample["series.npy"])
     series = np.stack([stored[k] for k in test.keys]).astype(np.float32)
     from pimc_dist.recurrence import recurrence_plot_uint8
 
@@ -372,7 +373,7 @@ def reben_like(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("ft_reben") / "shards"
     rng = np.random.default_rng(5)
     splits = ["train"] * 60 + ["validation"] * 20 + ["test"] * 20
-    with shardio.ShardSetWriter(
+    with shardset.ShardSetWriter(
         out, classes=CLASSES, source="reben", kind="mosaic", max_samples=32
     ) as writer:
         for i, split in enumerate(splits):

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from pimc_dist import metrics
+from pimc_dist.eval import metrics
 
 NAMES4 = ["a", "b", "c", "d"]
 

@@ -102,14 +102,14 @@ def test_console_scripts_in_pyproject_resolve_to_callables():
 
 
 def test_cached_built_in_shards_of_an_older_format_are_rebuilt(tmp_path, capsys):
-    from pimc_dist import shard, shardio
+    from pimc_dist import shard, shardset
     from pimc_dist.quickstart import drop_stale_cache
 
     current = tmp_path / "current"
     current.mkdir()
     (current / shard.PLAN_NAME).write_text(json.dumps({"schema_version": shard.PLAN_SCHEMA}))
-    (current / shardio.MANIFEST_NAME).write_text(
-        json.dumps({"schema_version": shardio.SCHEMA_VERSION})
+    (current / shardset.MANIFEST_NAME).write_text(
+        json.dumps({"schema_version": shardset.SCHEMA_VERSION})
     )
     assert not drop_stale_cache(current) and current.is_dir()
     assert not drop_stale_cache(tmp_path / "never_written")
@@ -123,5 +123,5 @@ def test_cached_built_in_shards_of_an_older_format_are_rebuilt(tmp_path, capsys)
 
     garbled = tmp_path / "garbled"
     garbled.mkdir()
-    (garbled / shardio.MANIFEST_NAME).write_text("{not json")
+    (garbled / shardset.MANIFEST_NAME).write_text("{not json")
     assert drop_stale_cache(garbled) and not garbled.exists()

@@ -9,7 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pimc_dist import indices, recurrence, sampling
+from pimc_dist import indices, recurrence
+from pimc_dist import pixel_selection as sampling
 from pimc_dist.samples import (
     MAX_KEY_LENGTH,
     PixelSampling,

@@ -17,11 +17,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from fixtures_scenes import write_eurosat, write_sen12ms
 
 from pimc_dist import config as config_lib
 from pimc_dist import samples
 from pimc_dist.shard import PLAN_NAME, cli
-from pimc_dist.shardio import (
+from pimc_dist.shardset import (
     decode_npy,
     decode_png,
     encode_json,
@@ -31,7 +32,6 @@ from pimc_dist.shardio import (
 )
 from pimc_dist.sources import open_source
 from pimc_dist.sources.fixtures import write_pastis
-from pimc_dist.sources.fixtures_scenes import write_eurosat, write_sen12ms
 from pimc_dist.sources.reben import configilm_mock_root
 
 REPO = Path(__file__).resolve().parents[1]
@@ -686,7 +686,8 @@ def test_unreadable_tif_is_skipped_naming_it(tmp_path, capsys):
 
 
 def test_reben_band_of_the_wrong_size_is_skipped_naming_the_file(tmp_path, capsys):
-    from pimc_dist.sources.fixtures_scenes import write_reben_geotiff
+    from fixtures_scenes import write_reben_geotiff
+
     from pimc_dist.sources.tiff_io import write_geotiff
 
     root = tmp_path / "reBEN"

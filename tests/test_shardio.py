@@ -12,8 +12,8 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
-from pimc_dist import shardio
-from pimc_dist.shardio import ShardError, ShardSetWriter, TarError
+from pimc_dist import shardset
+from pimc_dist.shardset import ShardError, ShardSetWriter, TarError
 
 
 def make_sample(i: int, rng: np.random.Generator) -> dict:
@@ -84,7 +84,7 @@ def test_same_samples_give_identical_shard_bytes(tmp_path):
             w.write(dict(reversed(list(make_sample(i, rng).items()))))
     a, b = shard_bytes(tmp_path / "a"), shard_bytes(tmp_path / "b")
     assert a == b and len(a) == 4
-    manifest = shardio.read_manifest(tmp_path / "a")
+    manifest = shardset.read_manifest(tmp_path / "a")
     assert [s.sha256 for s in manifest.shards] == [
         hashlib.sha256(v).hexdigest() for v in a.values()
     ]
@@ -92,11 +92,11 @@ def test_same_samples_give_identical_shard_bytes(tmp_path):
 
 def test_manifest_totals_views_and_streaming_stats_match_numpy(tmp_path):
     samples = write_set(tmp_path, n=23, max_samples=10)
-    m = shardio.read_manifest(tmp_path)
+    m = shardset.read_manifest(tmp_path)
     assert m.total_samples == 23 and [s.samples for s in m.shards] == [10, 10, 3]
     assert m.kind == "pimc" and m.source == "demo" and m.classes == ["a", "b", "c"]
-    assert m.views["rp"] == shardio.ViewSpec("png", "uint8", (3, 8, 8))
-    assert m.views["rsi"] == shardio.ViewSpec("npy", "int16", (4, 6, 6))
+    assert m.views["rp"] == shardset.ViewSpec("png", "uint8", (3, 8, 8))
+    assert m.views["rsi"] == shardset.ViewSpec("npy", "int16", (4, 6, 6))
     assert m.members == ["json", "rp.png", "rsi.npy", "series.npy"]
     for view, suffix in (("rp", "rp.png"), ("rsi", "rsi.npy"), ("series", "series.npy")):
         stacked = np.stack([s[suffix] for s in samples]).astype(np.float64)
@@ -109,8 +109,8 @@ def test_png_codec_round_trips_and_reads_foreign_pngs():
     rng = np.random.default_rng(1)
     for shape in [(3, 7, 9), (1, 5, 5), (4, 3, 2)]:
         image = rng.integers(0, 256, shape, dtype=np.uint8)
-        data = shardio.encode_png(image)
-        np.testing.assert_array_equal(shardio.decode_png(data), image)
+        data = shardset.encode_png(image)
+        np.testing.assert_array_equal(shardset.decode_png(data), image)
         pil = np.asarray(Image.open(io.BytesIO(data)))
         np.testing.assert_array_equal(
             pil if pil.ndim == 2 else pil.transpose(2, 0, 1),
@@ -121,18 +121,18 @@ def test_png_codec_round_trips_and_reads_foreign_pngs():
     image = np.stack([smooth, smooth.T, 255 - smooth])
     buf = io.BytesIO()
     Image.fromarray(image.transpose(1, 2, 0)).save(buf, format="PNG")
-    np.testing.assert_array_equal(shardio.decode_png(buf.getvalue()), image)
+    np.testing.assert_array_equal(shardset.decode_png(buf.getvalue()), image)
     with pytest.raises(ValueError, match="not a PNG"):
-        shardio.decode_png(b"GIF89a" + bytes(40))
+        shardset.decode_png(b"GIF89a" + bytes(40))
 
 
 def test_npy_decoder_rejects_bad_magic_and_wrong_length():
-    data = shardio.encode_npy(np.arange(12, dtype=np.int16).reshape(3, 4))
-    np.testing.assert_array_equal(shardio.decode_npy(data), np.arange(12).reshape(3, 4))
+    data = shardset.encode_npy(np.arange(12, dtype=np.int16).reshape(3, 4))
+    np.testing.assert_array_equal(shardset.decode_npy(data), np.arange(12).reshape(3, 4))
     with pytest.raises(ValueError, match="bad magic"):
-        shardio.decode_npy(b"XX" + data[2:])
+        shardset.decode_npy(b"XX" + data[2:])
     with pytest.raises(ValueError, match="data bytes"):
-        shardio.decode_npy(data[:-2])
+        shardset.decode_npy(data[:-2])
 
 
 def test_writer_rejects_inconsistent_or_invalid_samples(tmp_path):
@@ -155,7 +155,7 @@ def test_writer_rejects_inconsistent_or_invalid_samples(tmp_path):
             w.write({**make_sample(4, rng), "__key__": "has.dot"})
         with pytest.raises(ValueError, match="twice"):
             w.write(make_sample(0, rng))
-    assert shardio.read_manifest(tmp_path).total_samples == 1
+    assert shardset.read_manifest(tmp_path).total_samples == 1
 
 
 def test_skip_report_lists_skipped_inputs_beside_the_manifest(tmp_path):
@@ -165,7 +165,7 @@ def test_skip_report_lists_skipped_inputs_beside_the_manifest(tmp_path):
         w.skip("patch7/px3", "all-NaN pixel")
         w.write(make_sample(1, rng))
         w.skip("patch9", "unreadable tif: S2_9.npy")
-    m = shardio.read_manifest(tmp_path)
+    m = shardset.read_manifest(tmp_path)
     assert m.skipped == 2 and m.report == "skipped.json"
     report = json.loads((tmp_path / "skipped.json").read_text())
     assert report["skipped"] == [
@@ -248,7 +248,7 @@ def test_shard_file_without_matching_sidecar_is_reported_not_trusted(tmp_path):
     with pytest.raises(ShardError, match="shard-000001.tar: present but its sidecar"):
         w.shard_done(1)
     with pytest.raises(ShardError, match=r"shard-000001.tar: no sidecar shard-000001.stats.json"):
-        shardio.merge_manifest(tmp_path)
+        shardset.merge_manifest(tmp_path)
 
 
 def test_merge_manifest_combines_shards_of_separate_array_tasks(tmp_path):
@@ -262,14 +262,14 @@ def test_merge_manifest_combines_shards_of_separate_array_tasks(tmp_path):
     with pytest.raises(
         ShardError, match=r"2 shard\(s\) not written yet: shard-000000.tar, shard-000001.tar"
     ):
-        shardio.merge_manifest(tmp_path, expected_shards=4)
+        shardset.merge_manifest(tmp_path, expected_shards=4)
     write_explicit(task_a, 0, groups[0])
     write_explicit(task_a, 1, groups[1])
-    m = shardio.merge_manifest(tmp_path, config={"data": {"name": "demo"}}, expected_shards=4)
-    assert [s.name for s in m.shards] == [shardio.shard_name(i) for i in range(4)]
+    m = shardset.merge_manifest(tmp_path, config={"data": {"name": "demo"}}, expected_shards=4)
+    assert [s.name for s in m.shards] == [shardset.shard_name(i) for i in range(4)]
     assert m.config == {"data": {"name": "demo"}}
     assert m.stats == write_reference_stats(tmp_path / "ref", groups)
-    assert shardio.verify(tmp_path) == []
+    assert shardset.verify(tmp_path) == []
 
 
 def test_merge_manifest_refuses_shards_from_different_sources(tmp_path):
@@ -278,7 +278,7 @@ def test_merge_manifest_refuses_shards_from_different_sources(tmp_path):
     other = ShardSetWriter(tmp_path, source="pastis", classes=["a", "b", "c"])
     write_explicit(other, 1, [make_sample(1, rng)])
     with pytest.raises(ShardError, match=r"shard-000001.tar: source 'pastis', expected 'demo'"):
-        shardio.merge_manifest(tmp_path, source="demo")
+        shardset.merge_manifest(tmp_path, source="demo")
 
 
 @pytest.mark.parametrize(
@@ -308,15 +308,15 @@ def test_read_manifest_names_file_and_key_of_a_bad_manifest(tmp_path, edit, mess
     edit(data)
     path.write_text(json.dumps(data))
     with pytest.raises(ShardError, match=rf"{path}: {message}"):
-        shardio.read_manifest(tmp_path)
+        shardset.read_manifest(tmp_path)
 
 
 def test_read_manifest_reports_missing_file_and_bad_json(tmp_path):
     with pytest.raises(ShardError, match=rf"{tmp_path / 'manifest.json'}: manifest not found"):
-        shardio.read_manifest(tmp_path)
+        shardset.read_manifest(tmp_path)
     (tmp_path / "manifest.json").write_text('{"schema_version": 1,')
     with pytest.raises(ShardError, match="manifest.json: not valid JSON"):
-        shardio.read_manifest(tmp_path)
+        shardset.read_manifest(tmp_path)
 
 
 def test_verify_lists_every_missing_resized_changed_and_unlisted_shard(tmp_path):
@@ -328,15 +328,15 @@ def test_verify_lists_every_missing_resized_changed_and_unlisted_shard(tmp_path)
     data[700] ^= 0xFF
     (tmp_path / "shard-000002.tar").write_bytes(bytes(data))
     (tmp_path / "shard-000009.tar").write_bytes(bytes(1024))
-    problems = shardio.verify(tmp_path)
+    problems = shardset.verify(tmp_path)
     assert len(problems) == 4
     assert "shard-000000.tar: listed in manifest.json but missing" in problems[0]
     assert "shard-000001.tar: " in problems[1] and "bytes, manifest.json says" in problems[1]
     assert "shard-000002.tar: sha256" in problems[2]
     assert "shard-000009.tar: shard file not listed" in problems[3]
-    assert len(shardio.verify(tmp_path, checksums=False)) == 3
+    assert len(shardset.verify(tmp_path, checksums=False)) == 3
     with pytest.raises(ShardError, match=r"4 problem\(s\)") as err:
-        shardio.ensure_valid(tmp_path)
+        shardset.ensure_valid(tmp_path)
     for name in ("shard-000000.tar", "shard-000001.tar", "shard-000002.tar", "shard-000009.tar"):
         assert name in str(err.value)
 
@@ -347,11 +347,11 @@ def test_shard_problems_name_each_bad_listed_shard_and_without_drops_them(tmp_pa
         f.write(bytes(512))
     (tmp_path / "shard-000004.tar").unlink()
     (tmp_path / "shard-000009.tar").write_bytes(bytes(1024))
-    manifest = shardio.read_manifest(tmp_path)
-    problems = shardio.shard_problems(manifest, checksums=False)
+    manifest = shardset.read_manifest(tmp_path)
+    problems = shardset.shard_problems(manifest, checksums=False)
     assert sorted(problems) == ["shard-000001.tar", "shard-000004.tar"]
     assert problems["shard-000004.tar"].startswith(str(tmp_path / "shard-000004.tar"))
-    assert shardio.unlisted_shards(manifest) == [tmp_path / "shard-000009.tar"]
+    assert shardset.unlisted_shards(manifest) == [tmp_path / "shard-000009.tar"]
     kept = manifest.without(frozenset(problems))
     assert [s.name for s in kept.shards] == [
         "shard-000000.tar",
@@ -371,22 +371,22 @@ def test_sidecars_of_an_older_schema_are_refused_on_resume_and_merge(tmp_path):
     with pytest.raises(
         ShardError, match=r"shard-000001.stats.json: schema_version 1.*shard it again"
     ):
-        shardio.merge_manifest(tmp_path)
+        shardset.merge_manifest(tmp_path)
 
 
 def test_reader_skip_limit_and_member_selection(tmp_path):
     samples = write_set(tmp_path, n=10, max_samples=10)
     path = tmp_path / "shard-000000.tar"
     got = list(
-        shardio.iter_shard_samples(path, skip=3, limit=4, suffixes={"rsi.npy"}, chunk_bytes=1000)
+        shardset.iter_shard_samples(path, skip=3, limit=4, suffixes={"rsi.npy"}, chunk_bytes=1000)
     )
     assert [g["__key__"] for g in got] == ["p00003", "p00004", "p00005", "p00006"]
     assert all(set(g) == {"__key__", "rsi.npy"} for g in got)
-    np.testing.assert_array_equal(shardio.decode_npy(got[0]["rsi.npy"]), samples[3]["rsi.npy"])
+    np.testing.assert_array_equal(shardset.decode_npy(got[0]["rsi.npy"]), samples[3]["rsi.npy"])
     with open(path, "rb") as f:  # file objects work too, including non-seekable streams
         stream = io.BufferedReader(io.BytesIO(f.read()))
     stream.seekable = lambda: False
-    assert len(list(shardio.iter_shard_samples(stream, chunk_bytes=700))) == 10
+    assert len(list(shardset.iter_shard_samples(stream, chunk_bytes=700))) == 10
 
 
 def test_truncated_or_corrupt_tar_raises_naming_file_and_offset(tmp_path):
@@ -397,7 +397,7 @@ def test_truncated_or_corrupt_tar_raises_naming_file_and_offset(tmp_path):
     cut.write_bytes(data[: len(data) // 2 + 100])
     keys = []
     with pytest.raises(TarError, match=rf"{cut}: truncated at byte"):
-        for s in shardio.iter_shard_samples(cut):
+        for s in shardset.iter_shard_samples(cut):
             keys.append(s["__key__"])
     assert 2 <= len(keys) <= 4  # samples before the damage still come out
     garbage = bytearray(data)
@@ -406,17 +406,17 @@ def test_truncated_or_corrupt_tar_raises_naming_file_and_offset(tmp_path):
     bad = tmp_path / "bad.tar"
     bad.write_bytes(bytes(garbage))
     with pytest.raises(TarError, match=rf"{bad}: corrupt tar header at byte {second}"):
-        list(shardio.iter_shard_samples(bad))
+        list(shardset.iter_shard_samples(bad))
     no_end = tmp_path / "noend.tar"
     no_end.write_bytes(data[:-1024])
     with pytest.raises(TarError, match="no end-of-archive marker"):
-        list(shardio.iter_shard_samples(no_end))
+        list(shardset.iter_shard_samples(no_end))
 
 
 def test_reader_reads_tars_from_python_tarfile_with_long_names(tmp_path):
     long_key = "d" * 120 + "/k1"
     members = {
-        f"{long_key}.x.npy": shardio.encode_npy(np.arange(3)),
+        f"{long_key}.x.npy": shardset.encode_npy(np.arange(3)),
         f"{long_key}.json": b"{}",
         "k2.json": b"[1]",
     }
@@ -427,6 +427,6 @@ def test_reader_reads_tars_from_python_tarfile_with_long_names(tmp_path):
                 info = tarfile.TarInfo(name)
                 info.size = len(payload)
                 tar.addfile(info, io.BytesIO(payload))
-        got = list(shardio.iter_shard_samples(path))
+        got = list(shardset.iter_shard_samples(path))
         assert [g["__key__"] for g in got] == [long_key, "k2"]
         assert got[0]["x.npy"] == members[f"{long_key}.x.npy"] and got[1]["json"] == b"[1]"

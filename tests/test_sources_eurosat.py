@@ -7,11 +7,11 @@ import shutil
 import numpy as np
 import pytest
 import tifffile
+from fixtures_scenes import write_eurosat
 from PIL import Image
 
 from pimc_dist.sources import eurosat
 from pimc_dist.sources.base import SourceError
-from pimc_dist.sources.fixtures_scenes import write_eurosat
 from pimc_dist.sources.tiff_io import read_tiff, write_geotiff
 
 
@@ -233,7 +233,7 @@ def test_unknown_split_name_is_rejected(eurosat_root):
 
 
 def test_fixture_command_writes_a_readable_dataset_and_says_where(tmp_path, capsys):
-    from pimc_dist.sources.fixtures_scenes import main
+    from fixtures_scenes import main
 
     main(["eurosat", "--out", str(tmp_path / "e"), "--per-class", "3", "--size", "16"])
     assert f"to {tmp_path / 'e'}" in capsys.readouterr().out

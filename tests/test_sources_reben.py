@@ -12,11 +12,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import tifffile
+from fixtures_scenes import write_reben_geotiff
 from safetensors.numpy import load as load_safetensors
 
 from pimc_dist.sources import reben
 from pimc_dist.sources.base import SourceError
-from pimc_dist.sources.fixtures_scenes import write_reben_geotiff
 from pimc_dist.sources.tiff_io import write_geotiff
 
 MOCK = reben.configilm_mock_root()

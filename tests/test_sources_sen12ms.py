@@ -7,10 +7,10 @@ import shutil
 import numpy as np
 import pytest
 import tifffile
+from fixtures_scenes import write_sen12ms
 
 from pimc_dist.sources import sen12ms
 from pimc_dist.sources.base import SourceError
-from pimc_dist.sources.fixtures_scenes import write_sen12ms
 from pimc_dist.sources.tiff_io import write_geotiff
 
 # DATASETS.md: forest (1-5), shrubland (6-7), savanna (8-9), grassland (10), wetland (11),
@@ -281,7 +281,7 @@ def test_root_without_patches_is_named(tmp_path):
 
 
 def test_fixture_command_writes_a_readable_dataset_and_says_where(tmp_path, capsys):
-    from pimc_dist.sources.fixtures_scenes import main
+    from fixtures_scenes import main
 
     main(["sen12ms", "--out", str(tmp_path / "s"), "--size", "16", "--patches-per-scene", "1"])
     assert f"wrote 4 SEN12MS triplets to {tmp_path / 's'}" in capsys.readouterr().out

@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from pimc_dist import viz
-from pimc_dist.shardio import ShardSetWriter
+from pimc_dist.shardset import ShardSetWriter
 
 
 @pytest.fixture

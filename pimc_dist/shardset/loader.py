@@ -74,8 +74,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from pimc_dist import shardio
-from pimc_dist.shardio import Manifest, ShardError, ViewSpec
+from pimc_dist.shardset import format as shard_format
+from pimc_dist.shardset.format import Manifest, ShardError, ViewSpec
 
 try:  # libdeflate through imagecodecs inflates about 1.6x faster than zlib
     from imagecodecs import deflate_decode as _deflate_decode
@@ -283,7 +283,7 @@ def read_samples(
         empty += 1
         try:
             with _CountingFile(task.path) as f:
-                for sample in shardio.iter_shard_samples(
+                for sample in shard_format.iter_shard_samples(
                     f, skip=task.skip, limit=task.count, suffixes=suffixes
                 ):
                     sample["__url__"] = task.path
@@ -393,7 +393,7 @@ class SampleDecoder:
 
     def _npy(self, view: str, data: bytes) -> memoryview:
         try:
-            length = shardio.npy_header_length(data)
+            length = shard_format.npy_header_length(data)
         except ValueError as exc:
             raise _Skip("decode", f"{view}.npy: {exc}") from None
         header = data[:length]
@@ -401,7 +401,7 @@ class SampleDecoder:
         if nbytes is None:
             spec = self.specs[view]
             try:
-                parsed = shardio.parse_npy_header(header)
+                parsed = shard_format.parse_npy_header(header)
             except ValueError as exc:
                 raise _Skip("decode", f"{view}.npy: {exc}") from None
             if parsed.dtype != np.dtype(spec.dtype) or parsed.shape != spec.shape:
@@ -438,7 +438,7 @@ class SampleDecoder:
     def _png_slow(self, view: str, data: bytes) -> bytes:
         """Any other PNG: decode fully, re-express as unfiltered rows."""
         try:
-            image = shardio.decode_png(data)
+            image = shard_format.decode_png(data)
         except Exception as exc:  # PIL raises many kinds
             raise _Skip("decode", f"{view}.png: {exc}") from None
         spec = self.specs[view]
@@ -517,7 +517,7 @@ def unfilter_rows(rows: np.ndarray, channels: int, out: np.ndarray | None = None
         return out
     for kind in np.unique(kinds):
         idx = np.flatnonzero(kinds == kind)
-        out[idx] = shardio.unfilter_png_rows(rows[idx], channels).transpose(0, 3, 1, 2)
+        out[idx] = shard_format.unfilter_png_rows(rows[idx], channels).transpose(0, 3, 1, 2)
     return out
 
 
@@ -561,7 +561,7 @@ class BatchBuilder:
         self.rp_size = rp_size or None
         self.norm: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         for view in views:
-            stats = shardio.view_stats_arrays(manifest, view)
+            stats = shard_format.view_stats_arrays(manifest, view)
             if stats is None and view == "rp" and rp_on_the_fly != "off":
                 mean, std = _RP_FALLBACK_STATS
                 stats = (np.full(3, mean, np.float32), np.full(3, std, np.float32))
@@ -1151,13 +1151,13 @@ class ShardLoader:
         specs = {v: s for v, s in self.stream.specs.items() if len(s.shape) == 3}
         if n <= 0 or not specs:
             return images
-        samples = shardio.iter_shard_samples(self.manifest.shard_paths()[0], limit=n)
+        samples = shard_format.iter_shard_samples(self.manifest.shard_paths()[0], limit=n)
         for i, sample in enumerate(samples):
             for view, spec in specs.items():
                 data = sample.get(f"{view}.{spec.ext}")
                 if data is None:
                     continue
-                decode_one = shardio.decode_npy if spec.ext == "npy" else shardio.decode_png
+                decode_one = shard_format.decode_npy if spec.ext == "npy" else shard_format.decode_png
                 images[f"{view}/{i}"] = _display_image(np.asarray(decode_one(data), np.float32))
         return images
 
@@ -1346,12 +1346,12 @@ def usable_manifest(
         raise LoaderError(
             f"loader.max_excluded_fraction must be in [0, 1], got {max_excluded_fraction}"
         )
-    manifest = shardio.read_manifest(root)
+    manifest = shard_format.read_manifest(root)
     if verify == "none":
         return manifest, []
-    for path in shardio.unlisted_shards(manifest):
+    for path in shard_format.unlisted_shards(manifest):
         log.warning("%s: shard file not listed in %s; not read", path, manifest.path.name)
-    problems = shardio.shard_problems(manifest, checksums=verify == "sha256")
+    problems = shard_format.shard_problems(manifest, checksums=verify == "sha256")
     if not problems:
         return manifest, []
     lost = sum(s.samples for s in manifest.shards if s.name in problems)

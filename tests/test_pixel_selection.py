@@ -1,11 +1,11 @@
-"""Hilbert-curve pixel order and spread, stratified pixel sampling (pimc_dist.sampling)."""
+"""Hilbert-curve pixel order and spread, stratified pixel sampling (pimc_dist.pixel_selection)."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from pimc_dist.sampling import (
+from pimc_dist.pixel_selection import (
     class_quotas,
     hilbert_index,
     hilbert_order,

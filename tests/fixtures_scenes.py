@@ -222,13 +222,13 @@ def write_reben_geotiff(
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
-        prog="python -m pimc_dist.sources.fixtures_scenes",
+        prog="python -m fixtures_scenes",
         description="Write a synthetic EuroSAT or SEN12MS dataset in the real layout, or copy "
         "real LMDB-encoded reBEN patches to the per-band GeoTIFF layout.",
         epilog="examples:\n"
-        "  python -m pimc_dist.sources.fixtures_scenes eurosat --out /tmp/EuroSAT --per-class 5\n"
-        "  python -m pimc_dist.sources.fixtures_scenes sen12ms --out /tmp/SEN12MS --size 64\n"
-        "  python -m pimc_dist.sources.fixtures_scenes reben-geotiff --src <reBEN root> "
+        "  python -m fixtures_scenes eurosat --out /tmp/EuroSAT --per-class 5\n"
+        "  python -m fixtures_scenes sen12ms --out /tmp/SEN12MS --size 64\n"
+        "  python -m fixtures_scenes reben-geotiff --src <reBEN root> "
         "--out /tmp/reBEN-tif",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

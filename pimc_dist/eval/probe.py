@@ -32,8 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pimc_dist.eval.tasks import SplitData, Task
 from pimc_dist.progress import progress_bar
-from pimc_dist.tasks import SplitData, Task
 
 log = logging.getLogger(__name__)
 

@@ -52,7 +52,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pimc_dist import metrics as metrics_lib
+from pimc_dist.eval import metrics as metrics_lib
 
 SPLITS = ("train", "val", "test")
 SPLIT_ALIASES = {"train": "train", "val": "val", "validation": "val", "test": "test"}
@@ -496,7 +496,7 @@ def iter_decoded(
 
     `counters`, if given, receives the loader's counts (samples, skips by reason) at the end.
     """
-    from pimc_dist import data as data_lib
+    from pimc_dist import shardset as data_lib
 
     loader = data_lib.build_loader(
         _loader_cfg(cfg, shards, views), rank=rank, world_size=world_size, train=False
@@ -510,9 +510,9 @@ def iter_decoded(
 
 
 def read_manifest_for(shards: str) -> Any:
-    from pimc_dist import shardio
+    from pimc_dist import shardset
 
-    return shardio.read_manifest(shards)
+    return shardset.read_manifest(shards)
 
 
 def season_steps(cfg: Any) -> int | None:
@@ -595,12 +595,12 @@ def normalizer_for(
     cfg: Any, task: Task, inputs: Sequence[str], band_names: dict[str, list[str]]
 ) -> Normalizer:
     """Per-channel statistics of each input from the training shard set's manifest."""
-    from pimc_dist import shardio
+    from pimc_dist import shardset
 
     manifest = read_manifest_for(split_shards(cfg)["train"])
     stats: dict[str, tuple[np.ndarray, np.ndarray] | None] = {}
     for view in inputs:
-        got = shardio.view_stats_arrays(manifest, view)
+        got = shardset.view_stats_arrays(manifest, view)
         if view == "rp" and got is None:
             mean, std = RP_FALLBACK_STATS
             got = (np.full(3, mean, np.float32), np.full(3, std, np.float32))

@@ -1,0 +1,1 @@
+"""Downstream evaluation: tasks, metrics, linear probes, fine-tuning, result tables."""

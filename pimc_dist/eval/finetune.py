@@ -1,0 +1,974 @@
+"""Downstream evaluation of pretrained encoders: linear probes, full fine-tuning, baselines.
+
+    python -m pimc_dist.finetune --config configs/finetune/pastis_pixel_cls.yaml ckpt=runs/tiny
+    python -m pimc_dist.finetune --config configs/finetune/pastis_forecast.yaml ckpt=runs/tiny \\
+        finetune.protocol=finetune train.lr=3e-4 finetune.label_fraction=0.1
+
+`ckpt=` (short for `finetune.ckpt=`) is a pretraining run folder (its
+`encoders.safetensors` and `config.yaml`, which defines the encoders) or an
+encoders file (its folder's config.yaml, else this config's `model.views`,
+defines them). Tasks, inputs and splits: `pimc_dist/tasks.py`.
+
+Protocols (`finetune.protocol`, with `finetune.init` pretrained | random):
+- `linear`: frozen encoders; features of every split computed once and cached
+  under `finetune.feature_cache`; one linear head per `finetune.probe_lrs`
+  entry, all trained in the same passes over the cached features
+  (`pimc_dist/probe.py`); the best on validation is scored on test.
+- `finetune`: encoders and a linear head trained end to end through the
+  DeepSpeed engine (`pimc_dist.engine.Engine`: AdamW, warmup + cosine,
+  `train.lr`, `train.batch_size` per rank, ZeRO from `deepspeed.*`); the test
+  score reported is the one of the epoch with the best validation score.
+- `cnn1d`: the same training with a 1D CNN on the raw index series in place of
+  the encoders (the PIMC tasks' raw-series baseline).
+`init=random` builds the same architecture without loading weights: the
+random-init baseline of either protocol.
+
+Every split is held in memory in its stored dtypes (uint8 plots, int16 crops):
+fine for PASTIS pixel sets up to a few hundred thousand samples, the fixtures
+and the low-label regimes; cap larger sets with `finetune.max_samples_per_split`.
+The linear protocol encodes each rank's share of the data and gathers the
+features on rank 0; fine-tuning reads every split on every rank and gives each
+rank a disjoint part of every global batch.
+
+Outputs in the run folder (`train.run_dir`): result.json (metrics, selected
+learning rate or epoch, baselines, sample counts, timings, the resolved config),
+confusion_matrix.png (classification), curves.png (loss and validation score per
+epoch; finetune and cnn1d), heads.safetensors (linear heads), metrics.jsonl and
+wandb/ (tracking; W&B group `tracking.group`; the two pictures go there too).
+A folder that holds another run (a pretraining, a sweep, or a fine-tuning that
+differs in task, protocol, init, ckpt, inputs, label fraction, seed or, when
+training, lr) is refused before anything is written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from omegaconf import OmegaConf
+from torch import nn
+
+from pimc_dist import config as config_lib
+from pimc_dist.eval.tasks import (
+    CROP_VIEWS,
+    ENCODED_VIEWS,
+    SPLITS,
+    SplitData,
+    Task,
+    TaskError,
+    check_shard_sets,
+    get_task,
+    label_subset,
+    normalizer_for,
+    read_splits,
+    season_steps,
+    split_shards,
+)
+
+PROTOCOLS = ("linear", "finetune", "cnn1d")
+INITS = ("pretrained", "random")
+WEIGHTS_FILE = "encoders.safetensors"
+RESULT_FILE = "result.json"
+# What a folder holds, told by what a run leaves in it.
+RUN_MARKERS = (
+    ("checkpoints", "pretraining"),
+    (WEIGHTS_FILE, "pretraining"),
+    (RESULT_FILE, "fine-tuning"),
+    ("cells", "sweep"),
+)
+# The settings that make a fine-tuning run what it is; others may change on a rerun.
+RUN_IDENTITY = (
+    "finetune.task",
+    "finetune.protocol",
+    "finetune.init",
+    "finetune.ckpt",
+    "finetune.inputs",
+    "finetune.label_fraction",
+    "train.seed",
+)
+
+EXAMPLES = """examples:
+  python -m pimc_dist.finetune --config configs/finetune/pastis_pixel_cls.yaml ckpt=runs/tiny
+  python -m pimc_dist.finetune --config configs/finetune/pastis_pixel_cls.yaml finetune.init=random
+  python -m pimc_dist.finetune --config configs/finetune/pastis_forecast.yaml ckpt=runs/tiny \\
+      finetune.protocol=finetune train.lr=1e-3 finetune.epochs=5
+  python -m pimc_dist.finetune --config configs/finetune/reben_multilabel.yaml \\
+      ckpt=runs/mosaic_reben/encoders.safetensors finetune.label_fraction=0.1
+  # on Slurm (or locally through submitit): python -m pimc_dist.launch finetune --config ... finetune.ckpt=...
+"""
+
+
+class FinetuneError(RuntimeError):
+    """The run cannot go on (bad checkpoint, no data for a split, ...); the message says why."""
+
+
+# ---------------------------------------------------------------------------
+# Checkpoints and encoders
+# ---------------------------------------------------------------------------
+
+
+@dataclass
+class EncoderSource:
+    """Where encoder weights come from and the architecture of each pretrained view."""
+
+    weights: Path | None  # None: random init
+    views: dict[str, dict[str, Any]]  # view -> model.views entry (None fields dropped)
+    shared_encoder: bool
+    arch_from: str  # the config file (or "finetune config") that defined the views
+
+
+def _plain_views(model_cfg: Any) -> dict[str, dict[str, Any]]:
+    views = OmegaConf.to_container(model_cfg.views, resolve=True) or {}
+    return {v: {k: x for k, x in (s or {}).items() if x is not None} for v, s in views.items()}
+
+
+def resolve_encoder_source(cfg: Any) -> EncoderSource:
+    """Weights file and encoder architecture for `finetune.ckpt` / `finetune.init`."""
+    ft = cfg.finetune
+    ckpt = Path(ft.ckpt) if ft.ckpt else None
+    weights = None
+    run_config = None
+    if ckpt is not None:
+        if ckpt.is_dir():
+            weights = ckpt / WEIGHTS_FILE
+            if not weights.is_file():
+                raise FinetuneError(
+                    f"finetune.ckpt: {ckpt} holds no {WEIGHTS_FILE} (did the pretraining finish? "
+                    "it exports the encoders at the end)"
+                )
+        elif ckpt.is_file():
+            weights = ckpt
+        else:
+            raise FinetuneError(f"finetune.ckpt: {ckpt} does not exist")
+        candidate = weights.parent / "config.yaml"
+        if candidate.is_file():
+            run_config = config_lib.from_yaml_text(candidate.read_text(), str(candidate))
+    elif ft.init == "pretrained":
+        raise FinetuneError(
+            "finetune.ckpt is required with finetune.init=pretrained (a pretraining run folder "
+            "or its encoders.safetensors); use finetune.init=random for the random-init baseline"
+        )
+    if run_config is not None and run_config.model.views:
+        views = _plain_views(run_config.model)
+        shared = bool(run_config.model.shared_encoder)
+        arch_from = str(weights.parent / "config.yaml")
+    else:
+        views = _plain_views(cfg.model)
+        shared = bool(cfg.model.shared_encoder)
+        arch_from = "model.views of the fine-tuning config"
+    return EncoderSource(
+        weights=weights if ft.init == "pretrained" else None,
+        views=views,
+        shared_encoder=shared,
+        arch_from=arch_from,
+    )
+
+
+def owner_view(source: EncoderSource, view: str) -> str:
+    """The pretrained view whose encoder `view` runs through (following share keys)."""
+    if view not in source.views:
+        raise FinetuneError(
+            f"no encoder for view '{view}' in {source.arch_from} (it has {sorted(source.views)}); "
+            "map it with finetune.encoder_views (e.g. image: rsi)"
+        )
+    if source.shared_encoder:
+        return next(iter(source.views))
+    spec = source.views[view]
+    for key in ("share", "share_encoder"):
+        if key in spec:
+            return owner_view(source, spec[key])
+    return view
+
+
+def build_view_encoder(
+    source: EncoderSource, view: str, in_chans: int, height: int, width: int
+) -> tuple[nn.Module, str]:
+    """The encoder of pretrained `view` for inputs (in_chans, height, width); weights loaded if any."""
+    from pimc_dist.models import build_encoder, load_encoder_weights
+
+    owner = owner_view(source, view)
+    spec = dict(source.views[owner])
+    name = spec.pop("encoder", None)
+    if name is None:
+        raise FinetuneError(f"view '{owner}' in {source.arch_from} names no encoder")
+    want_chans = int(spec.pop("in_chans"))
+    img_size = int(spec.pop("img_size"))
+    patch_size = spec.pop("patch_size", None)
+    for key in ("head", "share", "share_encoder"):
+        spec.pop(key, None)
+    if in_chans != want_chans:
+        raise TaskError(
+            f"the data has {in_chans} channels for this input, the '{owner}' encoder takes "
+            f"{want_chans}: pick bands with finetune.input_bands"
+        )
+    if name.startswith("vit"):
+        if height != width:
+            raise TaskError(f"a ViT encoder needs square inputs, got {height} x {width}")
+        img_size = height  # position embeddings are resized to this grid when loading
+    try:
+        encoder = build_encoder(
+            name, in_chans=in_chans, img_size=img_size, patch_size=patch_size, **spec
+        )
+    except ValueError as exc:
+        raise FinetuneError(
+            f"cannot build the '{owner}' encoder ({source.arch_from}): {exc}"
+        ) from exc
+    if source.weights is not None:
+        load_encoder_weights(encoder, source.weights, view=owner)
+    return encoder, owner
+
+
+class CNN1D(nn.Module):
+    """1D CNN on (B, C, T) series: three conv blocks, pooled to 4 positions, flattened."""
+
+    def __init__(self, in_chans: int, width: int = 32, positions: int = 4):
+        super().__init__()
+
+        def block(cin: int, cout: int, k: int) -> list[nn.Module]:
+            return [
+                nn.Conv1d(cin, cout, k, padding=k // 2, bias=False),
+                nn.BatchNorm1d(cout),
+                nn.ReLU(),
+            ]
+
+        self.net = nn.Sequential(
+            *block(in_chans, width, 5),
+            *block(width, 2 * width, 5),
+            *block(2 * width, 2 * width, 3),
+            nn.AdaptiveAvgPool1d(positions),
+            nn.Flatten(),
+        )
+        self.out_dim = 2 * width * positions
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class Flatten(nn.Module):
+    """Raw inputs as features: (B, ...) -> (B, prod(...))."""
+
+    def __init__(self, out_dim: int):
+        super().__init__()
+        self.out_dim = out_dim
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.flatten(1)
+
+
+class FeatureNorm(nn.BatchNorm1d):
+    """Per-feature BatchNorm without affine parameters; a batch of one uses the running stats
+    (a 1 % label regime can leave a single labelled sample)."""
+
+    def __init__(self, dim: int):
+        super().__init__(dim, affine=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training and x.shape[0] == 1:
+            return nn.functional.batch_norm(x, self.running_mean, self.running_var, training=False)
+        return super().forward(x)
+
+
+class DownstreamModel(nn.Module):
+    """Encoders (and raw-input branches) per input view, concatenated, then a linear head.
+
+    `features(batch)` is what a linear probe sees; `forward(batch)` adds the head,
+    behind a per-feature BatchNorm without affine parameters (as MAE's linear probe),
+    since encoder features and raw values differ in scale.
+    """
+
+    def __init__(self, branches: dict[str, nn.Module], out_dim: int):
+        super().__init__()
+        self.branches = nn.ModuleDict(branches)
+        self.feature_dim = sum(int(b.out_dim) for b in branches.values())
+        self.norm = FeatureNorm(self.feature_dim)
+        self.head = nn.Linear(self.feature_dim, out_dim)
+
+    def features(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return torch.cat([branch(batch[v]) for v, branch in self.branches.items()], dim=1)
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.head(self.norm(self.features(batch).float()))
+
+
+def build_downstream_model(
+    cfg: Any, task: Task, inputs: list[str], example: SplitData, out_dim: int, source: EncoderSource
+) -> tuple[DownstreamModel, dict[str, str]]:
+    """The model for `inputs` (shapes from `example`), and input view -> pretrained view used."""
+    ft = cfg.finetune
+    torch.manual_seed(int(cfg.train.seed))
+    branches: dict[str, nn.Module] = {}
+    used: dict[str, str] = {}
+    for view in inputs:
+        shape = example.inputs[view].shape[1:]
+        if view in ENCODED_VIEWS:
+            if len(shape) != 3:
+                raise TaskError(f"input '{view}' has shape {shape}, an encoder needs (C, H, W)")
+            pretrained_view = str(ft.encoder_views.get(view, view))
+            branches[view], used[view] = build_view_encoder(source, pretrained_view, *shape)
+        elif ft.protocol == "cnn1d":
+            branches[view] = CNN1D(int(shape[0]))
+        else:
+            branches[view] = Flatten(int(np.prod(shape)))
+    return DownstreamModel(branches, out_dim), used
+
+
+# ---------------------------------------------------------------------------
+# Helpers
+# ---------------------------------------------------------------------------
+
+
+def _with(cfg: Any, updates: dict[str, Any]) -> Any:
+    """A copy of a (read-only) config with nested updates."""
+    plain = OmegaConf.to_container(cfg, resolve=True)
+
+    def merge(base: dict, extra: dict) -> None:
+        for k, v in extra.items():
+            if isinstance(v, dict) and isinstance(base.get(k), dict):
+                merge(base[k], v)
+            else:
+                base[k] = v
+
+    merge(plain, updates)
+    return OmegaConf.create(plain)
+
+
+def _atomic_write_json(path: Path, value: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        json.dump(value, f, indent=1, default=_json_default, allow_nan=True)
+    os.replace(tmp, path)
+
+
+def _json_default(value: Any) -> Any:
+    if hasattr(value, "item"):
+        return value.item()
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    return str(value)
+
+
+def _cap(data: SplitData, cap: int | None, seed: int) -> SplitData:
+    if cap is None or len(data) <= int(cap):
+        return data
+    rng = np.random.default_rng([int(seed), 104729])
+    return data.subset(np.sort(rng.choice(len(data), int(cap), replace=False)))
+
+
+def _require_splits(splits: dict[str, SplitData | None], report: dict[str, Any]) -> None:
+    empty = [s for s in SPLITS if splits.get(s) is None or len(splits[s]) == 0]
+    if empty:
+        raise FinetuneError(
+            f"no sample in split(s) {empty} (samples per split: {report['samples']}; shards "
+            f"{report['shards']}); check finetune.fold_rotation / the shard sets' folds or splits"
+        )
+
+
+def _flip_rot(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Per-sample random flips and 90-degree rotations of (B, C, H, W) crops."""
+    if x.shape[-1] != x.shape[-2]:
+        return torch.where(
+            torch.rand(len(x), generator=gen)[:, None, None, None] < 0.5, x.flip(-1), x
+        )
+    flip = torch.rand(len(x), generator=gen) < 0.5
+    x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+    k = torch.randint(0, 4, (len(x),), generator=gen)
+    out = x.clone()
+    for r in range(1, 4):
+        sel = k == r
+        if sel.any():
+            out[sel] = torch.rot90(x[sel], r, dims=(-2, -1))
+    return out
+
+
+def _gather(obj: Any) -> list[Any]:
+    if not torch.distributed.is_initialized():
+        return [obj]
+    out: list[Any] = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(out, obj)
+    return out
+
+
+def _merge_shares(
+    shares: list[SplitData | None], features: list[np.ndarray]
+) -> tuple[np.ndarray, SplitData]:
+    """Per-rank (features, split) shares -> one, sorted by sample key."""
+    pairs = [(f, d) for f, d in zip(features, shares, strict=True) if d is not None and len(d)]
+    if not pairs:
+        return np.zeros((0, 0), np.float32), SplitData({}, np.zeros(0), [], None)
+    feats = np.concatenate([f for f, _ in pairs])
+    data = SplitData(
+        inputs={k: np.concatenate([d.inputs[k] for _, d in pairs]) for k in pairs[0][1].inputs},
+        target=np.concatenate([d.target for _, d in pairs]),
+        keys=[k for _, d in pairs for k in d.keys],
+        base=None if pairs[0][1].base is None else np.concatenate([d.base for _, d in pairs]),
+        dropped={k: sum(d.dropped.get(k, 0) for _, d in pairs) for k in pairs[0][1].dropped},
+        window=None if pairs[0][1].window is None else np.concatenate([d.window for _, d in pairs]),
+    )
+    order = np.argsort(np.asarray(data.keys, dtype=object), kind="stable")
+    return feats[order], data.subset(order)
+
+
+# ---------------------------------------------------------------------------
+# Linear probe
+# ---------------------------------------------------------------------------
+
+
+def _cache_info(cfg: Any, task: Task, inputs: list[str], source: EncoderSource) -> dict[str, Any]:
+    from pimc_dist.eval.probe import file_identity
+
+    ft = cfg.finetune
+    folders = split_shards(cfg)
+    manifests = {}
+    for split, folder in folders.items():
+        path = Path(folder) / "manifest.json"
+        manifests[split] = file_identity(path) if path.is_file() else str(path)
+    return {
+        "task": task.name,
+        "inputs": inputs,
+        "weights": file_identity(source.weights) if source.weights else None,
+        "random_seed": None if source.weights else int(cfg.train.seed),
+        "views": source.views,
+        "shared_encoder": source.shared_encoder,
+        "encoder_views": OmegaConf.to_container(ft.encoder_views),
+        "input_bands": OmegaConf.to_container(ft.input_bands),
+        "manifests": manifests,
+        "fold_rotation": int(ft.fold_rotation),
+        "hash_split": list(ft.hash_split),
+        "input_steps": int(ft.input_steps),
+        "horizon": int(ft.horizon),
+        "rp_size": int(ft.rp_size),
+        "forecast_anchor": str(ft.forecast_anchor),
+        "max_samples_per_split": ft.max_samples_per_split,
+    }
+
+
+@torch.no_grad()
+def encode(
+    model: DownstreamModel,
+    data: SplitData,
+    normalizer: Any,
+    batch_size: int,
+    progress: str | None = None,
+) -> np.ndarray:
+    """Frozen features (N, D) of a split, in batches, model in eval mode.
+
+    `progress`: a label for a progress bar (rate and ETA, on stderr); None shows none.
+    """
+    from pimc_dist.progress import progress_bar
+
+    model.eval()
+    out = []
+    with progress_bar(len(data), progress, unit="sample") as bar:
+        for i in range(0, len(data), batch_size):
+            batch = normalizer.batch(data.inputs, slice(i, i + batch_size))
+            out.append(model.features(batch).float().numpy())
+            bar.update(min(batch_size, len(data) - i))
+    return np.concatenate(out) if out else np.zeros((0, model.feature_dim), np.float32)
+
+
+def run_linear(
+    cfg: Any, task: Task, inputs: list[str], source: EncoderSource, rank: int, world: int
+) -> dict[str, Any] | None:
+    """The linear protocol; returns the result on rank 0 (None elsewhere)."""
+    from pimc_dist.eval import probe
+
+    ft = cfg.finetune
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    key = probe.cache_key(_cache_info(cfg, task, inputs, source))
+    folder = Path(ft.feature_cache) / key
+    cached = {s: probe.load_split_features(folder, s) for s in SPLITS} if rank == 0 else {}
+    have_all = all(cached.get(s) is not None for s in SPLITS)
+    have_all = _gather(have_all)[0]
+    used = {
+        v: owner_view(source, str(ft.encoder_views.get(v, v))) for v in inputs if v in ENCODED_VIEWS
+    }
+    report: dict[str, Any] = {"feature_cache": str(folder), "cache_hit": bool(have_all)}
+    if not have_all:
+        splits, read_report = read_splits(cfg, task, inputs, SPLITS, rank, world)
+        report.update(read_report)
+        timings["read_s"] = time.perf_counter() - t0
+        example = next((d for d in splits.values() if d is not None and len(d)), None)
+        example = _gather(example.subset(np.arange(1)) if example is not None else None)
+        example = next((e for e in example if e is not None), None)
+        if example is None:
+            raise FinetuneError(f"no sample found in {read_report['shards']}")
+        model, _ = build_downstream_model(cfg, task, inputs, example, 1, source)
+        normalizer = normalizer_for(cfg, task, inputs, read_report["band_names"])
+        t1 = time.perf_counter()
+        for split in SPLITS:
+            data = splits[split]
+            label = f"features {split}" + (f" (rank 0 of {world})" if world > 1 else "")
+            feats = (
+                encode(
+                    model, data, normalizer, int(ft.eval_batch_size), label if rank == 0 else None
+                )
+                if data is not None
+                else None
+            )
+            shares = _gather(data)
+            feature_shares = _gather(feats)
+            problem = None
+            if rank == 0:
+                merged = _merge_shares(shares, feature_shares)
+                if len(merged[1]) == 0:
+                    problem = (
+                        f"no sample in the {split} split (samples per split: "
+                        f"{read_report['samples']} on rank 0; shards "
+                        f"{read_report['shards'][split]}); check finetune.fold_rotation / the "
+                        "shard sets' folds or splits"
+                    )
+                else:
+                    if ft.max_samples_per_split is not None:
+                        merged = _cap_pair(merged, ft, cfg)
+                    probe.save_split_features(folder, split, *merged)
+                    cached[split] = merged
+            problem = _gather(problem)[0]  # every rank stops together
+            if problem:
+                raise FinetuneError(problem)
+        timings["features_s"] = time.perf_counter() - t1
+    report["encoders"] = used
+    if rank != 0:
+        return None
+    counts = {s: len(cached[s][1]) for s in SPLITS}
+    x_train, d_train = cached["train"]
+    keep = label_subset(len(d_train), float(ft.label_fraction), int(cfg.train.seed))
+    x_train, d_train = x_train[keep], d_train.subset(keep)
+    classes = task.class_names(_classes(cfg))
+    out_dim = task.output_dim(classes, int(ft.horizon))
+    t2 = time.perf_counter()
+    result = probe.train_linear_heads(
+        task,
+        (x_train, d_train),
+        cached["val"],
+        cached["test"],
+        classes,
+        out_dim,
+        lrs=[float(x) for x in ft.probe_lrs],
+        epochs=int(ft.probe_epochs),
+        batch_size=int(ft.probe_batch_size),
+        weight_decay=float(ft.probe_weight_decay),
+        seed=int(cfg.train.seed),
+        progress=f"{len(ft.probe_lrs)} linear heads",
+    )
+    timings["train_s"] = time.perf_counter() - t2
+    if ft.save_heads:
+        from safetensors.torch import save_file
+
+        run_dir = Path(cfg.train.run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_file(
+            {k: v.contiguous() for k, v in result.heads.items()}, str(run_dir / "heads.safetensors")
+        )
+    return {
+        "metrics": result.test_metrics,
+        "val_metrics": result.val_metrics,
+        "selected": {"lr": result.best_lr},
+        "per_lr": result.per_lr,
+        "loss_curve": result.loss_curve,
+        "baselines": task.baselines(d_train, cached["test"][1], ft, season_steps(cfg)),
+        "samples": {**counts, "train_labelled": len(d_train)},
+        "feature_dim": int(x_train.shape[1]),
+        "report": report,
+        "timings": timings,
+        "class_names": classes,
+    }
+
+
+def _cap_pair(
+    pair: tuple[np.ndarray, SplitData], ft: Any, cfg: Any
+) -> tuple[np.ndarray, SplitData]:
+    feats, data = pair
+    if len(data) <= int(ft.max_samples_per_split):
+        return pair
+    rng = np.random.default_rng([int(cfg.train.seed), 104729])
+    idx = np.sort(rng.choice(len(data), int(ft.max_samples_per_split), replace=False))
+    return feats[idx], data.subset(idx)
+
+
+def _classes(cfg: Any) -> list[str]:
+    from pimc_dist import shardset
+
+    return list(shardset.read_manifest(split_shards(cfg)["train"]).classes)
+
+
+# ---------------------------------------------------------------------------
+# Full fine-tuning (DeepSpeed)
+# ---------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def predict(
+    module: nn.Module,
+    data: SplitData,
+    normalizer: Any,
+    batch_size: int,
+    dtype: torch.dtype,
+    device: torch.device,
+) -> np.ndarray:
+    module.eval()
+    out = []
+    for i in range(0, len(data), batch_size):
+        batch = {
+            k: v.to(device=device, dtype=dtype)
+            for k, v in normalizer.batch(data.inputs, slice(i, i + batch_size)).items()
+        }
+        out.append(module(batch).float().cpu().numpy())
+    return np.concatenate(out)
+
+
+def run_finetune(
+    cfg: Any,
+    task: Task,
+    inputs: list[str],
+    source: EncoderSource,
+    rank: int,
+    world: int,
+    tracker: Any,
+) -> dict[str, Any] | None:
+    """The finetune and cnn1d protocols; returns the result on rank 0 (None elsewhere)."""
+    from pimc_dist.engine import Engine
+
+    ft = cfg.finetune
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    splits, report = read_splits(cfg, task, inputs, SPLITS, 0, 1)  # every rank reads everything
+    _require_splits(splits, report)
+    cap, seed = ft.max_samples_per_split, int(cfg.train.seed)
+    splits = {s: _cap(d, cap, seed) for s, d in splits.items()}
+    train = splits["train"].subset(
+        label_subset(len(splits["train"]), float(ft.label_fraction), seed)
+    )
+    timings["read_s"] = time.perf_counter() - t0
+    classes = task.class_names(_classes(cfg))
+    out_dim = task.output_dim(classes, int(ft.horizon))
+    model, used = build_downstream_model(cfg, task, inputs, train, out_dim, source)
+    normalizer = normalizer_for(cfg, task, inputs, report["band_names"])
+
+    n = len(train)
+    per_rank = max(1, min(int(cfg.train.batch_size), n // world if n >= world else 1))
+    steps_per_epoch = max(1, n // (per_rank * world))
+    epochs = int(ft.epochs)
+    total_steps = max(1, epochs * steps_per_epoch)
+    engine = Engine(
+        _with(cfg, {"train": {"batch_size": per_rank, "grad_accum": 1}}),
+        model,
+        world_size=world,
+        rank=rank,
+        total_steps=total_steps,
+    )
+    device, dtype = engine.device, engine.compute_dtype
+    gen = torch.Generator().manual_seed(seed * 1000 + rank)
+    target = torch.from_numpy(np.asarray(train.target))
+    best: dict[str, Any] | None = None
+    history = []
+    t1 = time.perf_counter()
+    eval_s = 0.0
+    for epoch in range(epochs):
+        order = np.random.default_rng([seed, epoch]).permutation(n)
+        engine.module.train()
+        losses = []
+        for step in range(steps_per_epoch):
+            start = (step * world + rank) * per_rank
+            idx = order[start : start + per_rank]
+            if len(idx) == 0:  # fewer samples than ranks: reuse the first ones
+                idx = order[:per_rank]
+            batch = normalizer.batch(train.inputs, idx)
+            if ft.augment:
+                batch = {k: _flip_rot(v, gen) if k in CROP_VIEWS else v for k, v in batch.items()}
+            batch = {k: v.to(device=device, dtype=dtype) for k, v in batch.items()}
+            out = engine.module(batch)
+            loss = task.loss(out.float(), target[idx].to(device))
+            engine.module.backward(loss)
+            engine.module.step()
+            losses.append(float(loss.detach()))
+        te = time.perf_counter()
+        bs = int(ft.eval_batch_size)
+        val_out = predict(engine.module, splits["val"], normalizer, bs, dtype, device)
+        test_out = predict(engine.module, splits["test"], normalizer, bs, dtype, device)
+        eval_s += time.perf_counter() - te
+        if rank == 0:
+            val_m = task.score(val_out, splits["val"], classes)
+            row = {
+                "epoch": epoch + 1,
+                "loss": float(np.mean(losses)),
+                f"val_{task.primary}": val_m.get(task.primary),
+            }
+            history.append(row)
+            tracker.log(
+                {"finetune/loss": row["loss"], f"val/{task.primary}": row[f"val_{task.primary}"]},
+                step=epoch + 1,
+            )
+            print(
+                f"epoch {epoch + 1}/{epochs}: loss {row['loss']:.4f}  val {task.primary} {row[f'val_{task.primary}']:.4f}",
+                flush=True,
+            )
+            value = float(val_m.get(task.primary, float("nan")))
+            if best is None or task.better(value, best["value"]):
+                best = {"value": value, "epoch": epoch + 1, "val": val_m, "test_output": test_out}
+    timings["train_s"] = time.perf_counter() - t1 - eval_s
+    timings["eval_s"] = eval_s
+    if rank != 0:
+        return None
+    if best is None:  # every epoch non-finite: report the last one
+        best = {"epoch": epochs, "val": val_m, "test_output": test_out}
+    return {
+        "metrics": task.score(best["test_output"], splits["test"], classes),
+        "val_metrics": best["val"],
+        "selected": {"epoch": best["epoch"], "lr": float(cfg.train.lr)},
+        "history": history,
+        "baselines": task.baselines(train, splits["test"], ft, season_steps(cfg)),
+        "samples": {**report["samples"], "train_labelled": n},
+        "report": {**report, "encoders": used, "batch_per_rank": per_rank, "steps": total_steps},
+        "timings": timings,
+        "class_names": classes,
+        "_test_output": best["test_output"],
+    }
+
+
+# ---------------------------------------------------------------------------
+# Entry points
+# ---------------------------------------------------------------------------
+
+
+def check_config(cfg: Any) -> None:
+    """Checks that need no data or model; the launcher runs them before submitting."""
+    ft = cfg.finetune
+
+    def bad(key: str, why: str) -> config_lib.ConfigError:
+        return config_lib.ConfigError(f"invalid key 'finetune.{key}': {why}")
+
+    try:
+        task = get_task(ft.task)
+    except TaskError as exc:
+        raise config_lib.ConfigError(str(exc)) from None
+    if ft.protocol not in PROTOCOLS:
+        raise bad("protocol", f"'{ft.protocol}' is not one of {', '.join(PROTOCOLS)}")
+    if ft.init not in INITS:
+        raise bad("init", f"'{ft.init}' is not one of {', '.join(INITS)}")
+    if not 0.0 < float(ft.label_fraction) <= 1.0:
+        raise bad("label_fraction", f"{ft.label_fraction} is not in (0, 1]")
+    if not ft.probe_lrs or any(float(x) <= 0 for x in ft.probe_lrs):
+        raise bad("probe_lrs", f"{list(ft.probe_lrs)}: need positive learning rates")
+    if (
+        len(ft.hash_split) != 3
+        or any(float(x) < 0 for x in ft.hash_split)
+        or sum(ft.hash_split) <= 0
+    ):
+        raise bad("hash_split", f"{list(ft.hash_split)}: need three non-negative fractions")
+    if not 0 <= int(ft.fold_rotation) < 5:
+        raise bad("fold_rotation", f"{ft.fold_rotation} is not in 0..4")
+    for key in (
+        "input_steps",
+        "horizon",
+        "epochs",
+        "probe_epochs",
+        "probe_batch_size",
+        "eval_batch_size",
+    ):
+        if int(ft[key]) < 1:
+            raise bad(key, f"{ft[key]} is below 1")
+    try:
+        task.inputs(ft)
+    except TaskError as exc:
+        raise config_lib.ConfigError(str(exc)) from None
+    if ft.protocol != "cnn1d":
+        if ft.ckpt is None and ft.init == "pretrained":
+            raise bad(
+                "ckpt", "required with finetune.init=pretrained (or set finetune.init=random)"
+            )
+        if ft.ckpt is not None and not Path(ft.ckpt).exists():
+            raise bad("ckpt", f"{ft.ckpt} does not exist")
+    for split, folder in split_shards(cfg).items():
+        if not (Path(folder) / "manifest.json").is_file():
+            raise config_lib.ConfigError(
+                f"no shard set for the {split} split at {folder} (no manifest.json); set "
+                f"loader.shards or finetune.{split}_shards, or make one with python -m pimc_dist.shard"
+            )
+    lr = ("train.lr",) if ft.protocol != "linear" else ()  # a linear run trains its probe_lrs
+    check_run_folder(cfg, Path(cfg.train.run_dir), "fine-tuning", (*RUN_IDENTITY, *lr))
+
+
+def check_run_folder(cfg: Any, run_dir: Path, kind: str, keys: tuple[str, ...]) -> None:
+    """Refuse a run folder that holds another kind of run, or a run of this kind that differs
+    in `keys` (pretraining's rule); the same run may run there again and replace its outputs."""
+    for name, other in RUN_MARKERS:
+        if other != kind and (run_dir / name).exists():
+            raise config_lib.ConfigError(
+                f"invalid key 'train.run_dir': {run_dir} holds a {other} run ({name} is there); "
+                f"give this {kind} run its own folder with train.run_dir=... or name=..."
+            )
+    config_lib.check_run_folder(cfg, run_dir, keys)
+
+
+def main(cfg: Any) -> int:
+    """Run one downstream evaluation on this rank; rank 0 writes result.json. Returns 0."""
+    from pimc_dist import distributed
+    from pimc_dist.tracking import Tracker
+
+    check_config(cfg)
+    t_start = time.perf_counter()
+    ft = cfg.finetune
+    task = get_task(ft.task)
+    inputs = task.inputs(ft)
+    check_shard_sets(cfg, task)
+    env = distributed.detect_env()
+    if env.world_size > 1 or ft.protocol != "linear":
+        env = distributed.init_distributed(timeout_s=int(cfg.train.collective_timeout_s))
+    rank, world = env.rank, env.world_size
+    torch.manual_seed(int(cfg.train.seed))
+    source = (
+        resolve_encoder_source(cfg)
+        if ft.protocol != "cnn1d"
+        else EncoderSource(None, {}, False, "")
+    )
+    run_dir = Path(cfg.train.run_dir)
+    if rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / RESULT_FILE).unlink(missing_ok=True)
+        config_lib.save(cfg, run_dir / "config.yaml")
+    tracker = Tracker(
+        cfg, rank=rank, run_dir=run_dir, config=OmegaConf.to_container(cfg, resolve=True)
+    )
+    exit_code = 1
+    try:
+        if ft.protocol == "linear":
+            out = run_linear(cfg, task, inputs, source, rank, world)
+        else:
+            out = run_finetune(cfg, task, inputs, source, rank, world, tracker)
+        if rank == 0:
+            write_result(cfg, task, inputs, source, out, time.perf_counter() - t_start, tracker)
+        exit_code = 0
+    finally:
+        tracker.finish(exit_code=exit_code)
+        distributed.cleanup()  # also DeepSpeed's cached groups: a second run here starts clean
+    return 0
+
+
+def write_result(
+    cfg: Any,
+    task: Task,
+    inputs: list[str],
+    source: EncoderSource,
+    out: dict[str, Any],
+    total_s: float,
+    tracker: Any,
+) -> Path:
+    """result.json (+ confusion matrix PNG) in the run folder; prints where they are."""
+    from pimc_dist import viz
+    from pimc_dist.eval import metrics as metrics_lib
+
+    ft = cfg.finetune
+    run_dir = Path(cfg.train.run_dir)
+    test_output = out.pop("_test_output", None)
+    del test_output
+    class_names = out.pop("class_names")
+    out["timings"]["total_s"] = total_s
+    result = {
+        "status": "ok",
+        "task": task.name,
+        "protocol": ft.protocol,
+        "init": "none" if ft.protocol == "cnn1d" else ft.init,
+        "inputs": inputs,
+        "ckpt": ft.ckpt,
+        "weights": str(source.weights) if source.weights else None,
+        "architecture_from": source.arch_from,
+        "label_fraction": float(ft.label_fraction),
+        "seed": int(cfg.train.seed),
+        "lr": float(cfg.train.lr) if ft.protocol != "linear" else None,
+        "probe_lrs": [float(x) for x in ft.probe_lrs] if ft.protocol == "linear" else None,
+        "primary": task.primary,
+        "higher_is_better": task.higher_is_better,
+        **out,
+        "config": OmegaConf.to_container(cfg, resolve=True),
+    }
+    files = {"result": run_dir / RESULT_FILE}
+    cm = result["metrics"].get("confusion_matrix")
+    if cm is not None:
+        files["confusion matrix"] = metrics_lib.plot_confusion_matrix(
+            cm,
+            class_names,
+            run_dir / "confusion_matrix.png",
+            title=f"{task.name} {ft.protocol}/{ft.init} (test)",
+        )
+    if result.get("history"):  # finetune / cnn1d: loss and validation score per epoch
+        val = f"val_{task.primary}"
+        rows = [
+            {"step": h["epoch"], "finetune/loss": h["loss"], f"val/{task.primary}": h[val]}
+            for h in result["history"]
+        ]
+        files["curves"] = viz.plot_curves(run_dir, run_dir / "curves.png", rows=rows)
+    _atomic_write_json(files["result"], result)
+    # After the last epoch's step: W&B drops rows logged at an earlier step.
+    step = len(result.get("history", []))
+    summary = {f"test/{k}": v for k, v in result["metrics"].items() if isinstance(v, (int, float))}
+    tracker.log(summary, step=step)
+    tracker.summary(summary)
+    viz.log_pngs(
+        tracker,
+        {"confusion_matrix": files.get("confusion matrix"), "curves": files.get("curves")},
+        step=step,
+    )
+    value = result["metrics"].get(task.primary)
+    print(
+        f"{task.name} {ft.protocol}/{ft.init}: test {task.primary} = {value:.4f}"
+        + "".join(
+            f"  ({name} {b[task.primary]:.4f})" for name, b in result.get("baselines", {}).items()
+        )
+    )
+    for name, path in files.items():
+        print(f"  {name}: {path}")
+    if "feature_cache" in result.get("report", {}):
+        print(f"  features: {result['report']['feature_cache']}")
+    return files["result"]
+
+
+def cli_overrides(overrides: list[str]) -> list[str]:
+    """`ckpt=...` is short for `finetune.ckpt=...`."""
+    return [f"finetune.{o}" if o.startswith("ckpt=") else o for o in overrides]
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m pimc_dist.finetune",
+        description=(
+            "Evaluate pretrained encoders on a downstream task: linear probe (cached features, a "
+            "grid of heads in one pass), full fine-tuning through DeepSpeed, or a baseline. "
+            "Writes result.json in the run folder."
+        ),
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--config", required=True, help="fine-tuning YAML (configs/finetune/*.yaml)"
+    )
+    parser.add_argument(
+        "overrides",
+        nargs="*",
+        help="dotted key=value overrides; ckpt=<run folder or encoders file>",
+    )
+    return parser.parse_args(argv)
+
+
+def cli(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        cfg = config_lib.load(args.config, cli_overrides(args.overrides))
+        return main(cfg)
+    except (config_lib.ConfigError, TaskError, FinetuneError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2 if isinstance(exc, config_lib.ConfigError) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(cli())
