@@ -2,9 +2,9 @@
 
 Writes a realistic PIMC shard set to a temporary folder (by default 20,000 samples like the
 sharder's: a 3x48x48 recurrence-plot PNG made by pimc_dist.recurrence from a 3x61 index
-series, the float16 series, an int16 10x32x32 crop, the JSON metadata with 61 grid dates;
-about 27 KiB per sample), the same with the PNG stored uncompressed, and a set without
-the plots. Then, in this one process
+series, the float16 series, an int16 10x32x32 crop, the JSON metadata with 61 grid dates,
+stored once in the manifest as the sharder does (pimc_dist.samples.META_TABLES); about 26 KiB
+per sample), the same with the PNG stored uncompressed, and a set without the plots. Then, in this one process
 (= one data-loader worker), one full pass each of:
 
   raw file read          the tar files read in 4 MiB chunks, nothing parsed
@@ -22,10 +22,19 @@ the plots. Then, in this one process
                          (shared memory, pickling) counts; per worker = total / workers,
                          and on a 2-core machine 2 workers share the cores with the trainer
 
-plus the shard write rate (encoding, statistics, sha256, tar). --repeats rounds over all
-pipelines; the best pass of each counts.
+plus the shard write rate (encoding, statistics, sha256, tar), and for MoSAiC (a reBEN-like
+sample: uint16 S2 12x120x120, float32 S1 2x120x120 in dB, JSON with 19 multi-hot labels;
+about 450 KiB, --mosaic-samples of them):
 
-    python bench/loader.py [--samples 20000] [--batch-size 256] [--repeats 3]
+  ours mosaic            ShardStream over s2+s1 as configs/pretrain/mosaic.yaml reads them
+                         (normalised, no flips in the loader)
+
+and what MoSAiC's augmentations (two draws of s2 and s1 with the augment.* settings of
+configs/pretrain/mosaic.yaml, pimc_dist.augment) cost on one CPU thread per sample, i.e.
+what they would take from a loader worker; pretraining draws them on the training device.
+--repeats rounds over all pipelines; the best pass of each counts.
+
+    python bench/loader.py [--samples 20000] [--mosaic-samples 1000] [--batch-size 256] [--repeats 3]
 
 Prints a table and writes bench/results/loader.json.
 """
@@ -35,14 +44,13 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
-import os
-import platform
 import shutil
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+from machine import machine_info  # bench/machine.py (this script's folder is on sys.path)
 
 RESULTS = Path(__file__).resolve().parent / "results" / "loader.json"
 T, PLOT, CROP, BANDS = 61, 48, 32, 10
@@ -96,6 +104,86 @@ def make_samples(first: int, n: int, rng: np.random.Generator) -> list[dict]:
     return samples
 
 
+MOSAIC_S2, MOSAIC_S1, MOSAIC_SIZE = 12, 2, 120
+MOSAIC_CLASSES = [f"class{k}" for k in range(19)]
+MOSAIC_ROW = "ours mosaic: s2+s1 batches (normalised)"
+
+
+def write_mosaic_set(root: Path, n: int, shard_samples: int) -> float:
+    """A reBEN-like MoSAiC shard set (uint16 S2 DN, float32 S1 in dB); returns the write time."""
+    from pimc_dist.samples import META_TABLES
+    from pimc_dist.shardset import ShardSetWriter
+
+    rng = np.random.default_rng(1)
+    writer = ShardSetWriter(
+        root,
+        max_samples=shard_samples,
+        source="bench",
+        kind="mosaic",
+        classes=MOSAIC_CLASSES,
+        meta_tables=META_TABLES,
+    )
+    size = MOSAIC_SIZE
+    levels = np.linspace(300, 3000, MOSAIC_S2, dtype=np.float32)[:, None, None]
+    seconds = 0.0
+    for i in range(n):
+        s2 = levels * rng.uniform(0.7, 1.3, (MOSAIC_S2, 1, 1)) + rng.normal(0, 50, (size, size))
+        s1 = np.array([-12.0, -19.0], np.float32)[:, None, None] + rng.normal(0, 2, (2, size, size))
+        labels = (rng.random(len(MOSAIC_CLASSES)) < 0.15).astype(int)
+        sample = {
+            "__key__": f"S2A_{i:07d}",
+            "s2.npy": s2.clip(0, 10000).astype(np.uint16),
+            "s1.npy": s1.astype(np.float32),
+            "json": {
+                "dataset": "reben",
+                "patch": f"S2A_{i:07d}",
+                "split": "train",
+                "labels": labels.tolist(),
+                "label_names": [MOSAIC_CLASSES[k] for k in np.flatnonzero(labels)],
+                "s2_bands": [f"B{k:02d}" for k in range(MOSAIC_S2)],
+                "s1_bands": ["VV", "VH"],
+                "s2_dn_scale": 10000.0,
+            },
+        }
+        t0 = time.perf_counter()
+        writer.write(sample)
+        seconds += time.perf_counter() - t0
+    t0 = time.perf_counter()
+    writer.close()
+    return seconds + time.perf_counter() - t0
+
+
+def mosaic_augment_rate(manifest, batch_size: int, repeats: int) -> dict[str, float]:
+    """Samples/s of two draws of s2 and s1 (configs/pretrain/mosaic.yaml's augment.*) on one
+    CPU thread, on normalised float32 batches like the loader's; best of `repeats`."""
+    import torch
+
+    from pimc_dist import config as config_lib
+    from pimc_dist.augment import ViewAugmenter
+    from pimc_dist.shardset import view_stats_arrays
+
+    repo = Path(__file__).resolve().parents[1]
+    cfg = config_lib.load(repo / "configs/pretrain/mosaic.yaml", ["data.root=/nowhere"])
+    norm = {v: view_stats_arrays(manifest, v) for v in ("s2", "s1")}
+    augment = ViewAugmenter.from_config(cfg, norm)
+    flips_only = ViewAugmenter()
+    g = torch.Generator().manual_seed(0)
+    batch = {
+        "s2": torch.randn(batch_size, MOSAIC_S2, MOSAIC_SIZE, MOSAIC_SIZE, generator=g),
+        "s1": torch.randn(batch_size, MOSAIC_S1, MOSAIC_SIZE, MOSAIC_SIZE, generator=g),
+    }
+    out = {}
+    for name, aug in (("mosaic.yaml augment", augment), ("flips/rotations only", flips_only)):
+        best = 0.0
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            for view in ("s2", "s1"):
+                aug.pair(view, batch[view], g)
+            best = max(best, batch_size / (time.perf_counter() - t0))
+        out[name] = best
+    return out
+
+
 VIA = {w: f"ours png via build_loader, {w} worker{'s' * (w > 1)}" for w in (1, 2)}
 SETS = {  # name: (PNG zlib level, keep the plots)
     "png": (1, True),  # the writer's default
@@ -106,6 +194,7 @@ SETS = {  # name: (PNG zlib level, keep the plots)
 
 def write_sets(root: Path, n: int, shard_samples: int) -> dict[str, float]:
     """Write the shard sets of SETS from the same samples; returns each one's write time."""
+    from pimc_dist.samples import META_TABLES
     from pimc_dist.shardset import ShardSetWriter
 
     rng = np.random.default_rng(0)
@@ -117,6 +206,7 @@ def write_sets(root: Path, n: int, shard_samples: int) -> dict[str, float]:
             source="bench",
             classes=classes,
             png_level=level,
+            meta_tables=META_TABLES,
         )
         for name, (level, _) in SETS.items()
     }
@@ -154,11 +244,13 @@ def main() -> None:
     )
     parser.add_argument("--samples", type=int, default=20_000)
     parser.add_argument("--shard-samples", type=int, default=4096)
+    parser.add_argument("--mosaic-samples", type=int, default=1000)
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument(
         "--keep", type=Path, default=None, help="write the shards here and keep them"
     )
+    parser.add_argument("--note", default="", help="a note stored with the results")
     args = parser.parse_args()
 
     import numba
@@ -174,7 +266,9 @@ def main() -> None:
     root = args.keep or Path(tempfile.mkdtemp(prefix="bench_loader_"))
     try:
         write_seconds = write_sets(root, args.samples, args.shard_samples)
+        mosaic_write = write_mosaic_set(root / "mosaic", args.mosaic_samples, 256)
         sets = {name: shardset.read_manifest(root / name) for name in SETS}
+        sets["mosaic"] = shardset.read_manifest(root / "mosaic")
         urls = {name: [str(p) for p in m.shard_paths()] for name, m in sets.items()}
         total_bytes = {name: sum(s.bytes for s in m.shards) for name, m in sets.items()}
         n = args.samples
@@ -210,6 +304,19 @@ def main() -> None:
             )
             return sum(len(batch["meta"]) for batch in stream)
 
+        def ours_mosaic() -> int:
+            stream = ShardStream(
+                sets["mosaic"],
+                views=["s2", "s1"],
+                batch_size=args.batch_size,
+                resampled=False,
+                shuffle=True,
+                shuffle_buffer=500,
+                augment_views=[],  # as configs/pretrain/mosaic.yaml: drawn in the training step
+                normalize=True,
+            )
+            return sum(len(batch["meta"]) for batch in stream)
+
         loaders = {}
 
         def via_loader(workers: int) -> int:
@@ -231,6 +338,7 @@ def main() -> None:
         raw_file_read("png")  # warm the page cache: every row reads from memory
         raw_file_read("series")
         raw_file_read("png0")
+        raw_file_read("mosaic")
         ours("series", ["rp", "rsi"], "cpu")  # compile the numba kernels outside the timings
         rows = {}
         plans = [
@@ -248,6 +356,7 @@ def main() -> None:
                 lambda: ours("series", ["rp", "rsi"], "cpu"),
             ),
             *[(label, "png", lambda w=w: via_loader(w)) for w, label in VIA.items()],
+            (MOSAIC_ROW, "mosaic", ours_mosaic),
         ]
         workers_of = {label: w for w, label in VIA.items()}
         # Rounds over all pipelines, best per pipeline: a busy spell of a shared machine
@@ -258,8 +367,9 @@ def main() -> None:
                 best[label] = max(best[label], rate_of(fn))
             print(f"  round {round_ + 1}/{args.repeats} done", flush=True)
         loaders.clear()  # stops the workers
+        augment_rates = mosaic_augment_rate(sets["mosaic"], args.batch_size, args.repeats)
         for label, name, _ in plans:
-            per_sample = total_bytes[name] / n
+            per_sample = total_bytes[name] / (args.mosaic_samples if name == "mosaic" else n)
             workers = workers_of.get(label, 1)
             rows[label] = {
                 "samples_per_s": best[label] / workers,  # per worker
@@ -276,6 +386,12 @@ def main() -> None:
                 "bytes_per_sample": total_bytes[name] / n,
                 "MB_per_s": rate * total_bytes[name] / n / 1e6,
             }
+        mosaic_bytes = total_bytes["mosaic"] / args.mosaic_samples
+        rows["shard writing (mosaic set)"] = {
+            "samples_per_s": args.mosaic_samples / mosaic_write,
+            "bytes_per_sample": mosaic_bytes,
+            "MB_per_s": args.mosaic_samples / mosaic_write * mosaic_bytes / 1e6,
+        }
     finally:
         if args.keep is None:
             shutil.rmtree(root, ignore_errors=True)
@@ -307,13 +423,20 @@ def main() -> None:
             "rsi": [BANDS, CROP, CROP],
             "json_dates": T,
         },
-        "machine": {
-            "cpus": os.cpu_count(),
-            "python": platform.python_version(),
-            "numpy": np.__version__,
-            "webdataset": getattr(wds, "__version__", "?"),
-        },
+        "machine": machine_info(
+            webdataset=getattr(wds, "__version__", "?"), torch=torch.__version__
+        ),
         "rows": rows,
+        "mosaic": {
+            "samples": args.mosaic_samples,
+            "sample": {
+                "s2": [MOSAIC_S2, MOSAIC_SIZE, MOSAIC_SIZE, "uint16"],
+                "s1": [MOSAIC_S1, MOSAIC_SIZE, MOSAIC_SIZE, "float32"],
+                "labels": len(MOSAIC_CLASSES),
+            },
+            "loader_samples_per_s_per_worker": rows[MOSAIC_ROW]["samples_per_s"],
+            "augment_two_draws_cpu_one_thread_samples_per_s": augment_rates,
+        },
         "ratios": {
             "ours_png_vs_wds_decode": rows["ours png: rp+rsi batches"]["samples_per_s"] / plain,
             "ours_png_vs_wds_decode_rgb8": rows["ours png: rp+rsi batches"]["samples_per_s"] / rgb8,
@@ -329,8 +452,16 @@ def main() -> None:
             / plain,
         },
     }
+    if args.note:
+        result["note"] = args.note
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(result, indent=1) + "\n")
+    print(
+        "\nMoSAiC augmentations, two draws of s2 and s1 per sample, one CPU thread "
+        "(what a loader worker would pay; pretraining draws them on the training device):"
+    )
+    for name, rate in augment_rates.items():
+        print(f"  {name:30s} {rate:11,.0f} samples/s")
     print(f"\nwrote {RESULTS}")
 
 

@@ -62,7 +62,7 @@ def _bench_rank(rank: int, world: int, options: dict) -> list[dict]:
         torch.cuda.set_device(device)
     rows_out = []
     for batch in options["per_rank_batch"]:
-        for form in ("local", "full"):
+        for form in options.get("forms", ("local", "full")):
             n_global = batch * world
             logit_rows = batch if form == "local" else n_global
             logits_mib = logit_rows * n_global * 4 / MIB
@@ -76,26 +76,18 @@ def _bench_rank(rank: int, world: int, options: dict) -> list[dict]:
             b = torch.randn(batch, options["dim"], generator=gen).to(device).requires_grad_()
             log_scale = torch.tensor(2.659, device=device, requires_grad=True)
             loss_fn = LOSSES[options["loss"]](local_loss=form == "local")
-            _one_step(loss_fn, a, b, log_scale)  # warm-up: gloo buffers, allocator
-            times, peaks = [], []
-            for _ in range(options["repeats"]):
-                a.grad = b.grad = log_scale.grad = None
-                dist.barrier()
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-                    torch.cuda.reset_peak_memory_stats()
-                    base = torch.cuda.memory_allocated()
-                else:
-                    _reset_peak_rss()
-                    base = _status_kib("VmRSS") * 1024
-                start = time.perf_counter()
-                value = _one_step(loss_fn, a, b, log_scale)
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-                    peaks.append((torch.cuda.max_memory_allocated() - base) / MIB)
-                else:
-                    peaks.append((_status_kib("VmHWM") * 1024 - base) / MIB)
-                times.append(time.perf_counter() - start)
+            try:
+                times, peaks, value = _timed_steps(loss_fn, a, b, log_scale, device, options)
+            except torch.cuda.OutOfMemoryError as exc:
+                # One size too large for this GPU must not lose the other rows of the run.
+                rows_out.append(row | {"skipped": f"out of memory: {str(exc)[:160]}"})
+                oom = True
+            else:
+                oom = False
+            if oom:
+                del a, b, log_scale
+                torch.cuda.empty_cache()
+                continue
             row |= {
                 "ms_per_step": 1e3 * statistics.median(times),
                 "peak_mib_per_rank": max(peaks),
@@ -103,6 +95,31 @@ def _bench_rank(rank: int, world: int, options: dict) -> list[dict]:
             }
             rows_out.append(row)
     return rows_out
+
+
+def _timed_steps(loss_fn, a, b, log_scale, device, options) -> tuple[list, list, float]:
+    """One warm-up step, then `repeats` timed steps: (seconds, peak MiB above the start, loss)."""
+    _one_step(loss_fn, a, b, log_scale)  # warm-up: gloo buffers, allocator
+    times, peaks = [], []
+    for _ in range(options["repeats"]):
+        a.grad = b.grad = log_scale.grad = None
+        dist.barrier()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+        else:
+            _reset_peak_rss()
+            base = _status_kib("VmRSS") * 1024
+        start = time.perf_counter()
+        value = _one_step(loss_fn, a, b, log_scale)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+            peaks.append((torch.cuda.max_memory_allocated() - base) / MIB)
+        else:
+            peaks.append((_status_kib("VmHWM") * 1024 - base) / MIB)
+        times.append(time.perf_counter() - start)
+    return times, peaks, value
 
 
 def _merge_ranks(per_rank: list[list[dict]]) -> list[dict]:
@@ -158,6 +175,13 @@ def main(argv: list[str] | None = None) -> None:
         default=512.0,
         help="skip configurations whose logits matrix per rank is larger",
     )
+    parser.add_argument(
+        "--forms",
+        nargs="+",
+        choices=["local", "full"],
+        default=["local", "full"],
+        help="loss forms (on one rank both are the same computation)",
+    )
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "loss.json")
     args = parser.parse_args(argv)
 
@@ -170,6 +194,7 @@ def main(argv: list[str] | None = None) -> None:
         "repeats": args.repeats,
         "device": args.device,
         "max_logits_mib": args.max_logits_mib,
+        "forms": args.forms,
     }
     backend = "nccl" if args.device == "cuda" else "gloo"
     rows = []

@@ -31,6 +31,13 @@ only writing a result of that size (a new or a reused array, no arithmetic): no 
 that returns such a result can be faster, so pyts / floor caps the ratio any could reach.
 
     python bench/recurrence.py [--series 1024,4096] [--timesteps 61] [--repeats 9]
+    python bench/recurrence.py --device-check cuda   # torch on the GPU vs numba on all cores
+
+`--device-check DEVICE` (the hook of bench/gpu_check.py) times only the plots a training step
+makes on the fly: (N, 3, T) float16 index series -> (N, 3, 48, 48) uint8 plots, through
+`recurrence_plot_torch` on DEVICE (series already there; synchronised) and through the numba
+`recurrence_plot_uint8` on every CPU core, and compares the values (at most one rounding step
+apart). Writes its JSON to --output.
 
 Prints a table and writes bench/results/recurrence.json.
 """
@@ -439,6 +446,69 @@ def print_table(results: dict) -> None:
     print(results["machine"]["load_average_1_5_15"])
 
 
+def device_check(
+    device: str, n_series: int, timesteps: int, size: int | None, repeats: int
+) -> dict:
+    """Plots/s of the torch path on `device` against numba on all cores; same values?"""
+    import numba
+    import numpy as np
+    import torch
+
+    from pimc_dist import recurrence
+
+    rng = np.random.default_rng(0)
+    series = rng.uniform(-1, 1, size=(n_series, 3, timesteps)).astype(np.float16)
+    on_device = torch.from_numpy(series).to(device)
+
+    def sync() -> None:
+        if on_device.device.type == "cuda":
+            torch.cuda.synchronize()
+
+    def run_torch():
+        out = recurrence.recurrence_plot_torch(on_device, size=size)
+        sync()
+        return out
+
+    def run_numba():
+        return recurrence.recurrence_plot_uint8(series, size=size)
+
+    results = {}
+    outputs = {}
+    for name, call in (
+        ("torch_" + on_device.device.type, run_torch),
+        ("numba_all_cores", run_numba),
+    ):
+        outputs[name] = call()  # compile / warm up
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            call()
+            times.append(time.perf_counter() - start)
+        best = min(times)
+        results[name] = {
+            "plots_per_s": n_series * 3 / best,
+            "series_per_s": n_series / best,
+            "best_ms": 1e3 * best,
+        }
+    ours = outputs["torch_" + on_device.device.type].cpu().numpy().astype(int)
+    diff = np.abs(ours - outputs["numba_all_cores"].astype(int))
+    return {
+        "device": str(on_device.device),
+        "device_name": torch.cuda.get_device_name(0) if on_device.device.type == "cuda" else "cpu",
+        "series": n_series,
+        "channels": 3,
+        "timesteps": timesteps,
+        "size": size,
+        "numba_threads": numba.get_num_threads(),
+        "paths": results,
+        "speedup_torch_over_numba": results["torch_" + on_device.device.type]["plots_per_s"]
+        / results["numba_all_cores"]["plots_per_s"],
+        "max_abs_diff": int(diff.max()),
+        "fraction_equal": float((diff == 0).mean()),
+        "same_values": bool(diff.max() <= 1),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -453,7 +523,30 @@ def main() -> None:
     parser.add_argument("--mode", choices=["one-core", "all-cores"], help=argparse.SUPPRESS)
     parser.add_argument("--cold", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--result-file", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--device-check",
+        metavar="DEVICE",
+        help="only time torch on DEVICE (cuda, cpu) against numba on all cores; see above",
+    )
+    parser.add_argument("--size", type=int, default=48, help="--device-check: plot side")
     args = parser.parse_args()
+
+    if args.device_check:
+        n = int(args.series.split(",")[-1])
+        result = device_check(args.device_check, n, args.timesteps, args.size, args.repeats)
+        from machine import machine_info as cpu_machine_info  # bench/machine.py; no pyts needed
+
+        result["machine"] = cpu_machine_info()
+        for name, row in result["paths"].items():
+            print(f"{name:>18}: {row['plots_per_s']:>14,.0f} plots/s")
+        print(
+            f"torch / numba: {result['speedup_torch_over_numba']:.1f}x; max difference "
+            f"{result['max_abs_diff']} ({result['fraction_equal']:.2%} equal)"
+        )
+        args.output.parent.mkdir(parents=True, exist_ok=True)
+        args.output.write_text(json.dumps(result, indent=2) + "\n")
+        print(f"wrote {args.output}")
+        return
 
     if args.serve:
         serve(args.serve, args.mode)

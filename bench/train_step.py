@@ -27,19 +27,31 @@ DESIGN.md note, batch 64 per rank; "tiny", the PIMC two-tower model of
 configs/pretrain/tiny.yaml (ResNet-18 width 16 on 3x42x42 plots and 10x16x16 crops) with its
 gathered CLIP loss, batch 32 per rank.
 
-GPU mode (--device cuda, one GPU, world size 1 with NCCL): for ViT-B/8 and ViT-L/8 plot
-encoders at 48 px (with configs/pretrain/pimc.yaml's ResNet-50 crop encoder and head), bf16,
-ZeRO 1 and 2: samples/s, MFU (analytic FLOPs of pimc_dist.models.count_flops, x3 for a
-training step, against the peak bf16 FLOP/s of pimc_dist.pretrain.PEAK_BF16_FLOPS) and peak
-memory of the Engine, and the same for a DDP loop under torch.autocast(bf16) with fp32
-weights (the same AdamW, groups, schedule and clipping). The paths run one after the other,
-so peak memory is per path. UNTESTED: written on a machine without a GPU.
+Device mode (--device cuda: one GPU, world size 1 with NCCL): for each workload, bf16, ZeRO 1
+and 2, our Engine and a DDP loop under torch.autocast(bf16) with fp32 weights (the same AdamW,
+groups, schedule and clipping; fused AdamW on CUDA for both, engine.use_fused_adamw) on the same
+model and batch, one after the other (so peak memory is per path): samples/s, MFU (analytic
+FLOPs of pimc_dist.models.count_flops, x3 for a training step, against the peak bf16 FLOP/s of
+pimc_dist.pretrain.PEAK_BF16_FLOPS) and peak memory (torch.cuda.max_memory_allocated).
+Workloads (WORKLOADS):
+
+  pimc          configs/pretrain/pimc.yaml's model as it trains: ViT-B/8 plot tower on 3x48x48
+                plots and ResNet-50 crop tower on 10x32x32 crops, heads, gathered CLIP loss
+  pimc_rp       the plot tower alone (two augmentations through it: {rsi: {share: rp}})
+  pimc_rsi      the crop tower alone, likewise
+  vit_l16_224   a standard ViT-L/16 at 3x224x224 (a reference point against published MFUs)
+  vit_base, vit_large   ViT-B/8 or ViT-L/8 plot tower with pimc.yaml's crop tower
+
+`--smoke` runs the same code with tiny stand-ins of each workload (tiny.yaml-sized), and with
+`--device cpu --smoke` on the CPU with gloo: how bench/gpu_check.py keeps this mode from rotting
+on machines without a GPU. samples/s counts pairs: a tower-alone workload runs two images each.
 
     python bench/train_step.py                      # CPU: both models, ZeRO 0-3
     python bench/train_step.py --models mlp8m --stages 0 1 2 --repeats 9
-    python bench/train_step.py --device cuda        # one GPU: ViT-B and ViT-L, ZeRO 1 and 2
+    python bench/train_step.py --device cuda        # one GPU: every workload, ZeRO 1 and 2
+    python bench/train_step.py --device cpu --smoke # the device mode, tiny, on the CPU
 
-Prints a table and writes bench/results/train_step.json (train_step_cuda.json on GPU).
+Prints a table and writes bench/results/train_step.json (train_step_cuda.json in device mode).
 """
 
 from __future__ import annotations
@@ -67,7 +79,38 @@ TINY_CONFIG = ROOT / "configs" / "pretrain" / "tiny.yaml"
 PIMC_CONFIG = ROOT / "configs" / "pretrain" / "pimc.yaml"
 CPU_MODELS = ("mlp8m", "tiny")
 TOTAL_STEPS = 10**6  # length of the LR schedule (the benchmark stays in its warmup)
-GPU_MODELS = {"vit_base": "vit_base_p8", "vit_large": "vit_large_p8"}
+# Device-mode workloads: name -> (model.views replacing pimc.yaml's, or None to keep them; batch).
+PIMC_RSI = {"encoder": "resnet50", "in_chans": 10, "img_size": 32}
+PIMC_RP = {"encoder": "vit_base_p8", "in_chans": 3, "img_size": 48}
+WORKLOADS: dict[str, tuple[dict | None, int]] = {
+    "pimc": (None, 512),
+    "pimc_rp": ({"rp": PIMC_RP, "rsi": {"share": "rp"}}, 512),
+    "pimc_rsi": ({"rp": PIMC_RSI, "rsi": {"share": "rp"}}, 512),
+    "vit_l16_224": (
+        {
+            "rp": {"encoder": "vit_large_p16", "in_chans": 3, "img_size": 224},
+            "rsi": {"share": "rp"},
+        },
+        64,
+    ),
+    "vit_base": ({"rp": PIMC_RP, "rsi": PIMC_RSI}, 256),
+    "vit_large": ({"rp": {**PIMC_RP, "encoder": "vit_large_p8"}, "rsi": PIMC_RSI}, 256),
+}
+DEFAULT_WORKLOADS = ("pimc", "pimc_rp", "pimc_rsi", "vit_l16_224")
+# --smoke: tiny stand-ins of the same shapes of model (tiny.yaml's towers), a few samples.
+TINY_VIT = {"encoder": "vit_tiny_p8", "in_chans": 3, "img_size": 48}
+TINY_RESNET = {"encoder": "resnet18", "in_chans": 10, "img_size": 16, "width": 16}
+SMOKE_WORKLOADS: dict[str, tuple[dict | None, int]] = {
+    "pimc": ({"rp": TINY_VIT, "rsi": TINY_RESNET}, 8),
+    "pimc_rp": ({"rp": TINY_VIT, "rsi": {"share": "rp"}}, 8),
+    "pimc_rsi": ({"rp": TINY_RESNET, "rsi": {"share": "rp"}}, 8),
+    "vit_l16_224": (
+        {"rp": {"encoder": "vit_tiny_p16", "in_chans": 3, "img_size": 64}, "rsi": {"share": "rp"}},
+        4,
+    ),
+    "vit_base": ({"rp": TINY_VIT, "rsi": TINY_RESNET}, 8),
+    "vit_large": ({"rp": TINY_VIT, "rsi": TINY_RESNET}, 8),
+}
 # Keys every job sets from its own config; any other key of engine.deepspeed_config is a
 # tuning choice, put back to DeepSpeed's default for the "ds stock" path.
 JOB_KEYS = (
@@ -84,23 +127,43 @@ JOB_KEYS = (
 
 
 def job_config(model: str, stage: int, run_dir: str, device: str, batch: int | None) -> Any:
-    """Our job config for a workload (tiny.yaml's training settings; pimc.yaml's model on GPU)."""
+    """Our job config for a workload (tiny.yaml's training settings; pimc.yaml's on a device)."""
     from pimc_dist import config as config_lib
 
     overrides = [f"train.run_dir={run_dir}", f"deepspeed.zero_stage={stage}", "train.grad_clip=1.0"]
     # No warmup: full-size updates make the weight comparison between the paths meaningful.
     overrides += ["train.warmup_fraction=0.0"]
     if device == "cuda":
-        overrides += [f"model.views.rp.encoder={GPU_MODELS[model]}", "deepspeed.bf16=true"]
-        overrides += [f"data.root={run_dir}"]  # required by pimc.yaml; no data is read
-        overrides += [f"train.batch_size={batch or 256}"]
-        return config_lib.load(PIMC_CONFIG, overrides)
+        return workload_config(model, stage, run_dir, batch, smoke=False)
     overrides += ["deepspeed.bf16=false"]
     if model == "mlp8m":
         overrides += [f"train.batch_size={batch or 64}"]
     elif batch:
         overrides += [f"train.batch_size={batch}"]
     return config_lib.load(TINY_CONFIG, overrides)
+
+
+def workload_config(name: str, stage: int, run_dir: str, batch: int | None, smoke: bool) -> Any:
+    """pimc.yaml (bf16, the given ZeRO stage) with the model of a device-mode workload."""
+    from omegaconf import OmegaConf
+
+    from pimc_dist import config as config_lib
+
+    views, default_batch = (SMOKE_WORKLOADS if smoke else WORKLOADS)[name]
+    overrides = [f"train.run_dir={run_dir}", f"deepspeed.zero_stage={stage}", "train.grad_clip=1.0"]
+    # bf16 on GPUs; the CPU smoke run computes in fp32 (CPU bf16 convolutions crawl), same code.
+    overrides += ["train.warmup_fraction=0.0", f"deepspeed.bf16={str(not smoke).lower()}"]
+    overrides += [f"data.root={run_dir}"]  # required by pimc.yaml; no data is read
+    overrides += [f"train.batch_size={batch or default_batch}"]
+    if smoke:
+        overrides += ["model.head.hidden_dim=64", "model.head.out_dim=32"]
+    cfg = config_lib.load(PIMC_CONFIG, overrides)
+    if views is not None:
+        OmegaConf.set_readonly(cfg, False)
+        # Replace the node: no key of pimc.yaml's views may stay ({share: rp} allows no other).
+        cfg.model.views = {v: config_lib.ViewModelConfig(**spec) for v, spec in views.items()}
+        OmegaConf.set_readonly(cfg, True)
+    return cfg
 
 
 def mlp8m() -> Any:
@@ -132,14 +195,10 @@ def build_workload(model: str, cfg: Any, rank: int, device: Any) -> tuple[Any, d
             return (m(b["x"]) - b["y"]).pow(2).mean()
 
     else:
+        from pimc_dist.planning import random_batch
+
         net = pretrain.build_model(cfg)
-        views = cfg.model.views
-        batch = {
-            v: torch.randn(
-                n, views[v].in_chans, views[v].img_size, views[v].img_size, generator=gen
-            )
-            for v in ("rp", "rsi")
-        }
+        batch = random_batch(cfg, n, seed=1000 + rank)  # rp and rsi, shaped as the views
         loss_fn = pretrain.build_loss(cfg)
 
         def loss_of(m: Any, b: dict) -> Any:
@@ -192,9 +251,7 @@ def make_ds(cfg: Any, net: Any, world: int, rank: int, extra: dict | None, tmp: 
 
 def ds_step_fn(eng: Any, batch: dict, loss_of: Any) -> Any:
     """One pretrain-style step: engine forward + loss, engine.backward, engine.step."""
-    from pimc_dist.pretrain import _cast_floats
-
-    batch = _cast_floats(batch, eng.compute_dtype)
+    batch = eng.model_batch(batch)  # inputs in the compute dtype, as pretrain feeds them
     eng.module.train()
 
     def step() -> None:
@@ -210,7 +267,7 @@ def make_ddp(cfg: Any, net: Any, device: Any) -> tuple[Any, Any]:
     import torch
     from torch.nn.parallel import DistributedDataParallel
 
-    from pimc_dist.engine import param_groups, warmup_cosine
+    from pimc_dist.engine import param_groups, use_fused_adamw, warmup_cosine
 
     net = net.to(device)
     ddp = DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
@@ -218,6 +275,7 @@ def make_ddp(cfg: Any, net: Any, device: Any) -> tuple[Any, Any]:
         param_groups(net, float(cfg.train.weight_decay)),
         lr=float(cfg.train.lr),
         betas=tuple(cfg.train.betas),
+        fused=use_fused_adamw(device.type) or None,  # as Engine chooses it
     )
     lr, min_lr = float(cfg.train.lr), float(cfg.train.min_lr)
     warmup = int(round(TOTAL_STEPS * float(cfg.train.warmup_fraction)))  # as Engine computes it
@@ -409,80 +467,138 @@ def collectives_rank(rank: int, world: int, numel: int, repeats: int) -> dict[st
 # GPU: one rank, paths one after the other
 
 
-def gpu_rank(rank: int, world: int, options: dict) -> list[dict]:
+def _peak_memory_gib(device: Any) -> float:
+    """Peak memory since the last reset: allocated tensors on CUDA, the process' RSS on CPU."""
+    import resource
+
     import torch
 
-    from pimc_dist.models import count_flops
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+def _sync(device: Any) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def device_rank(rank: int, world: int, options: dict) -> list[dict]:
+    """Device mode on one rank: every workload x stage, DeepSpeed then DDP, one after the other.
+
+    A workload that fails (out of memory, say) gives a row with its error; the others run.
+    """
+    import torch
+
     from pimc_dist.pretrain import PEAK_BF16_FLOPS
 
-    torch.cuda.set_device(0)
-    device = torch.device("cuda", 0)
-    name = torch.cuda.get_device_name(device)
+    if options["device"] == "cuda":
+        torch.cuda.set_device(0)
+        device = torch.device("cuda", 0)
+        name = torch.cuda.get_device_name(device)
+    else:
+        device, name = torch.device("cpu"), "cpu"
     peak = options["peak_flops"] or next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
     tmp = Path(options["tmp"])
     rows = []
     for model in options["models"]:
         for stage in options["stages"]:
-            cfg = job_config(model, stage, str(tmp / "run"), "cuda", options["batch"])
+            cfg = workload_config(
+                model, stage, str(tmp / "run"), options["batch"], options["smoke"]
+            )
             global_batch = int(cfg.train.batch_size) * world
             for path in ("ds", "ddp"):
-                net, batch, loss_of = build_workload("two_tower", cfg, rank, device)
-                flops_per_sample = 3.0 * count_flops(net)
-                torch.cuda.synchronize()
+                row = {
+                    "model": model,
+                    "encoders": {v: dict(s) for v, s in cfg.model.views.items()},
+                    "stage": stage,
+                    "path": _path_label(path, bool(cfg.deepspeed.bf16)),
+                    "batch_per_gpu": int(cfg.train.batch_size),
+                    "device_name": name,
+                }
+                try:
+                    row |= _time_path(path, cfg, rank, world, device, options, global_batch)
+                except Exception as exc:  # one workload's failure must not lose the others
+                    row["error"] = f"{type(exc).__name__}: {exc}"[:500]
+                    print(f"{model} ZeRO-{stage} {path}: {row['error']}", flush=True)
+                else:
+                    flops = row.pop("flops_per_sample")
+                    row["train_flops_per_sample"] = flops
+                    row["mfu"] = row["samples_per_s"] * flops / (peak * world) if peak else None
+                rows.append(row)
                 gc.collect()
-                torch.cuda.empty_cache()
-                torch.cuda.reset_peak_memory_stats(device)
-                if path == "ds":
-                    eng = make_ds(cfg, net, world, rank, None, tmp)
-                    step = ds_step_fn(eng, batch, loss_of)
-                else:
-                    ddp, opt_sched = make_ddp(cfg, net, device)
-                    step = ddp_step_fn(ddp, opt_sched, batch, loss_of, cfg, bf16=True)
-                for _ in range(options["warmup"]):
-                    step()
-                times = []
-                for _ in range(options["repeats"]):
-                    torch.cuda.synchronize()
-                    start = time.perf_counter()
-                    for _ in range(options["steps"]):
-                        step()
-                    torch.cuda.synchronize()
-                    times.append(time.perf_counter() - start)
-                rate = options["steps"] * global_batch / statistics.median(times)
-                rows.append(
-                    {
-                        "model": model,
-                        "encoder": GPU_MODELS[model],
-                        "stage": stage,
-                        "path": "ds ours (bf16)" if path == "ds" else "ddp (autocast bf16)",
-                        "batch_per_gpu": int(cfg.train.batch_size),
-                        "params": sum(p.numel() for p in net.parameters()),
-                        "samples_per_s": rate,
-                        "step_ms": 1e3 * statistics.median(times) / options["steps"],
-                        "spread_samples_per_s": [
-                            options["steps"] * global_batch / t for t in (max(times), min(times))
-                        ],
-                        "mfu": rate * flops_per_sample / (peak * world) if peak else None,
-                        "peak_mem_gib": torch.cuda.max_memory_allocated(device) / 2**30,
-                        "device_name": name,
-                    }
-                )
-                if path == "ds":
-                    if hasattr(eng.module, "destroy"):
-                        eng.module.destroy()
-                    del eng, step
-                else:
-                    del ddp, opt_sched, step
-                del net, batch
-        for row in rows:
-            if row["model"] == model and row["path"].startswith("ds"):
-                ref = next(
-                    r
-                    for r in rows
-                    if r["model"] == model and r["stage"] == row["stage"] and r["path"][:3] == "ddp"
-                )
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+    for row in rows:
+        if row["path"].startswith("ds") and "error" not in row:
+            ref = next(
+                r
+                for r in rows
+                if r["model"] == row["model"]
+                and r["stage"] == row["stage"]
+                and r["path"][:3] == "ddp"
+            )
+            if "error" not in ref:
                 row["ratio_to_ddp"] = row["samples_per_s"] / ref["samples_per_s"]
     return rows
+
+
+def _path_label(path: str, bf16: bool) -> str:
+    if path == "ds":
+        return "ds ours (bf16)" if bf16 else "ds ours (fp32)"
+    return "ddp (autocast bf16)" if bf16 else "ddp (fp32)"
+
+
+def _time_path(
+    path: str, cfg: Any, rank: int, world: int, device: Any, options: dict, global_batch: int
+) -> dict:
+    """Build one path (our Engine or DDP), warm it up and time it: samples/s and peak memory."""
+    import torch
+
+    from pimc_dist.models import count_flops
+
+    net, batch, loss_of = build_workload("two_tower", cfg, rank, device)
+    flops_per_sample = 3.0 * count_flops(net)
+    params = sum(p.numel() for p in net.parameters())
+    _sync(device)
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    eng = ddp = None
+    if path == "ds":
+        eng = make_ds(cfg, net, world, rank, None, Path(options["tmp"]))
+        step = ds_step_fn(eng, batch, loss_of)
+    else:
+        ddp, opt_sched = make_ddp(cfg, net, device)
+        step = ddp_step_fn(ddp, opt_sched, batch, loss_of, cfg, bf16=bool(cfg.deepspeed.bf16))
+    try:
+        for _ in range(options["warmup"]):
+            step()
+        times = []
+        for _ in range(options["repeats"]):
+            _sync(device)
+            start = time.perf_counter()
+            for _ in range(options["steps"]):
+                step()
+            _sync(device)
+            times.append(time.perf_counter() - start)
+    finally:
+        if eng is not None and hasattr(eng.module, "destroy"):
+            eng.module.destroy()
+    rate = options["steps"] * global_batch / statistics.median(times)
+    return {
+        "params": params,
+        "samples_per_s": rate,
+        "step_ms": 1e3 * statistics.median(times) / options["steps"],
+        "spread_samples_per_s": [
+            options["steps"] * global_batch / t for t in (max(times), min(times))
+        ],
+        "flops_per_sample": flops_per_sample,
+        "peak_mem_gib": _peak_memory_gib(device),
+    }
 
 
 # ---------------------------------------------------------------------------
@@ -546,13 +662,17 @@ def print_cpu_table(rows: list[dict]) -> None:
 
 def print_gpu_table(rows: list[dict]) -> None:
     print(
-        f"{'model':>9} {'ZeRO':>4} {'path':>20} {'samples/s':>10} {'MFU':>6} {'peak GiB':>8} {'vs DDP':>6}"
+        f"{'workload':>12} {'ZeRO':>4} {'path':>20} {'samples/s':>10} {'MFU':>6} {'peak GiB':>8} "
+        f"{'vs DDP':>6}"
     )
     for r in rows:
+        if "error" in r:
+            print(f"{r['model']:>12} {r['stage']:>4} {r['path']:>20}  failed: {r['error'][:80]}")
+            continue
         mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "n/a"
         ratio = f"{r['ratio_to_ddp']:.2f}" if "ratio_to_ddp" in r else ""
         print(
-            f"{r['model']:>9} {r['stage']:>4} {r['path']:>20} {r['samples_per_s']:>10.0f} "
+            f"{r['model']:>12} {r['stage']:>4} {r['path']:>20} {r['samples_per_s']:>10.0f} "
             f"{mfu:>6} {r['peak_mem_gib']:>8.2f} {ratio:>6}"
         )
 
@@ -562,7 +682,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    parser.add_argument("--models", nargs="+", help="cpu: mlp8m tiny; cuda: vit_base vit_large")
+    parser.add_argument(
+        "--models",
+        nargs="+",
+        help=f"cpu: {' '.join(CPU_MODELS)}; cuda / --smoke: {' '.join(WORKLOADS)} "
+        f"(default {' '.join(DEFAULT_WORKLOADS)})",
+    )
+    parser.add_argument(
+        "--smoke",
+        action="store_true",
+        help="the device mode with tiny stand-ins of the workloads (--device cpu: on the CPU)",
+    )
     parser.add_argument(
         "--stages", type=int, nargs="+", help="ZeRO stages (cpu: 0 1 2 3; cuda: 1 2)"
     )
@@ -618,23 +748,26 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[dict] = []
     configs: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="train_step-") as tmp:
-        if args.device == "cuda":
+        if args.device == "cuda" or args.smoke:
             options = {
-                "models": args.models or list(GPU_MODELS),
+                "device": args.device,
+                "smoke": args.smoke,
+                "models": args.models or list(DEFAULT_WORKLOADS),
                 "stages": args.stages or [1, 2],
                 "batch": args.batch,
                 "steps": args.steps,
                 "repeats": args.repeats,
-                "warmup": max(args.warmup, 5),
+                "warmup": args.warmup if args.smoke else max(args.warmup, 5),
                 "peak_flops": args.peak_tflops * 1e12 if args.peak_tflops else None,
                 "tmp": tmp,
             }
-            unknown = set(options["models"]) - set(GPU_MODELS)
+            unknown = set(options["models"]) - set(WORKLOADS)
             if unknown:
                 raise SystemExit(
-                    f"--models: unknown for cuda: {sorted(unknown)} ({list(GPU_MODELS)})"
+                    f"--models: unknown for the device mode: {sorted(unknown)} ({list(WORKLOADS)})"
                 )
-            rows = run_on_ranks(gpu_rank, 1, options, backend="nccl", timeout_s=3600)[0]
+            backend = "nccl" if args.device == "cuda" else "gloo"
+            rows = run_on_ranks(device_rank, 1, options, backend=backend, timeout_s=3600)[0]
             print_gpu_table(rows)
         else:
             models = args.models or list(CPU_MODELS)
@@ -685,15 +818,16 @@ def main(argv: list[str] | None = None) -> int:
                     sys.stdout.flush()
     info["load_average_end"] = list(os.getloadavg())
     info["seconds"] = round(time.time() - started, 1)
-    out = args.out or RESULTS / (
-        "train_step.json" if args.device == "cpu" else "train_step_cuda.json"
-    )
+    device_mode = args.device == "cuda" or args.smoke
+    out = args.out or RESULTS / ("train_step_cuda.json" if device_mode else "train_step.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     result = {
         "benchmark": "train_step",
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "device": args.device,
-        "world_size": 2 if args.device == "cpu" else 1,
+        "mode": "device" if device_mode else "cpu",
+        "smoke": args.smoke,
+        "world_size": 1 if device_mode else 2,
         "options": {k: getattr(args, k) for k in ("steps", "repeats", "warmup", "batch")},
         "argv": sys.argv[1:],
         "machine": info,
@@ -701,7 +835,7 @@ def main(argv: list[str] | None = None) -> int:
         "deepspeed_configs": configs,
     }
     out.write_text(json.dumps(result, indent=2, default=str))
-    if args.device == "cpu":
+    if not device_mode:
         print("\nfull table:")
         print_cpu_table(rows)
     print(f"load average {info['load_average_start']} -> {info['load_average_end']}")

@@ -11,8 +11,9 @@ paths), relative to itself; later files and then the overrides win.
 
 from __future__ import annotations
 
+import argparse
 import os
-import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,10 @@ from typing import Any
 import yaml
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
+
+from pimc_dist.files import write_atomic
+
+CONFIG_FILE = "config.yaml"  # the resolved config of a run, in its run folder
 
 
 class ConfigError(ValueError):
@@ -31,7 +36,7 @@ class DataConfig:
     """What to shard: the raw dataset, how samples are made, where shards go."""
 
     name: str = "demo"  # shard set name; shards land in shards/<name>
-    source: str = "demo"  # demo | pastis | geotiff_stack | eurosat | reben | sen12ms
+    source: str = "demo"  # demo | pastis | geotiff_stack | point_series | eurosat | reben | sen12ms
     root: str = ""  # raw dataset folder (a file or glob for geotiff_stack); demo: where to write it
     shard_dir: str = "shards/${data.name}"
     split: str | None = None  # train | val | test; None = everything
@@ -48,6 +53,20 @@ class DataConfig:
     # Class raster of each stack (one band, same size): a path, or a pattern in which
     # {stem} is the stack's file name without extension (for a glob in data.root).
     label_path: str | None = None
+    # GeoTIFF stacks and point tables: class_names[i] names label value i (a value with no
+    # name stops sharding); label_ignore: values that are no class (not sampled).
+    class_names: list[str] = field(default_factory=list)
+    label_ignore: list[int] = field(default_factory=list)
+    # Their split (data.split): the split column, else a seeded hash of the group (patch,
+    # `group` column, else sample) with these fractions; {} = train 0.7, val 0.15, test 0.15.
+    hash_split: dict[str, float] = field(default_factory=dict)
+    split_seed: int = 0
+    # Point tables (source point_series, long format): column names.
+    id_column: str = "sample_id"
+    date_column: str = "date"
+    label_column: str = "label"
+    split_column: str = "split"
+    group_column: str = "group"
     # PASTIS-R: also crop the Sentinel-1 series (per-orbit median) into an s1.npy view.
     with_s1: bool = False
     # EuroSAT: ms (13-band GeoTIFF, uint16 DN) | rgb (the JPEGs, uint8 B04 B03 B02);
@@ -104,7 +123,23 @@ class LoaderConfig:
     # Shards that fail that check are left out (logged, counted in data/shards_excluded);
     # if they hold more than this fraction of the samples the loader refuses the set.
     max_excluded_fraction: float = 0.1
+    # A shard that loses more than this fraction of its samples while read (corrupt bytes
+    # the size check cannot see) is left out for the rest of the run, counted the same way.
+    max_shard_loss_fraction: float = 0.05
     prefetch_factor: int = 4  # batches each worker prepares ahead
+
+
+@dataclass
+class ViewAugmentConfig:
+    """`augment.<view>`: the augmentations the training step draws of one view (MoSAiC's
+    two per modality; pimc_dist.augment). The defaults are flips and rotations only."""
+
+    crop_scale: list[float] = field(default_factory=lambda: [1.0, 1.0])  # area fraction; 1: off
+    crop_ratio: list[float] = field(default_factory=lambda: [0.75, 1.3333333])  # box aspect
+    flips: bool = True  # flips and 90-degree rotations
+    brightness: float = 0.0  # per-band factor 1 +- this (physical values, e.g. reflectance)
+    contrast: float = 0.0  # per-band contrast factor 1 +- this, around the crop's band mean
+    noise_db: float = 0.0  # sigma of additive Gaussian noise in dB (SAR backscatter in dB)
 
 
 @dataclass
@@ -158,6 +193,11 @@ class LossConfig:
     w_inter: float = 1.0
     w_sup: float = 1.0
     sup_positives: str = "any"  # any | weighted
+    # Low-label MoSAiC: the SupCon term sees the labels of this share of the training samples
+    # only (pimc_dist.label_subset: a hash of each sample's key with label_seed); the probe of
+    # a low-label row uses the same fraction and seed, hence the same subset.
+    label_fraction: float = 1.0
+    label_seed: int = 0
 
 
 @dataclass
@@ -180,9 +220,15 @@ class TrainConfig:
     max_nonfinite_in_row: int = 5
     collective_timeout_s: int = 600
     export_on_end: bool = True
+    compile: bool = False  # torch.compile the encoders (models.compile_encoders)
     # Save a checkpoint and exit 0 once this many steps are done (the run resumes
     # later with the same total); for time-sliced allocations. None = run to the end.
     stop_after_steps: int | None = None
+    # Start over at step 0 in a run folder that holds metrics.jsonl but no checkpoint (its
+    # checkpoints were deleted, or it died before the first): the old metrics.jsonl is moved
+    # to metrics.jsonl.<time>. Without it such a folder is refused. With a checkpoint the
+    # run resumes as usual (a requeued restart=true job resumes).
+    restart: bool = False
 
 
 @dataclass
@@ -201,6 +247,9 @@ class TrackingConfig:
     group: str | None = None
     tags: list[str] = field(default_factory=list)
     log_images: int = 8
+    verbose: bool = (
+        False  # let W&B print its banner and summary (else one line: where its files are)
+    )
 
 
 @dataclass
@@ -247,7 +296,7 @@ class FinetuneConfig:
     test_shards: str | None = None
     fold_rotation: int = 0
     hash_split: list[float] = field(default_factory=lambda: [0.6, 0.2, 0.2])
-    label_fraction: float = 1.0  # share of the training split with labels (seeded by train.seed)
+    label_fraction: float = 1.0  # share of the training split with labels (see loss.label_seed)
     max_samples_per_split: int | None = None  # cap (seeded random subset); None = all
     probe_lrs: list[float] = field(default_factory=lambda: [1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0])
     probe_epochs: int = 60
@@ -299,6 +348,7 @@ class JobConfig:
     method: str = "pimc"  # pimc | mosaic
     data: DataConfig = field(default_factory=DataConfig)
     loader: LoaderConfig = field(default_factory=LoaderConfig)
+    augment: dict[str, ViewAugmentConfig] = field(default_factory=dict)  # by view name
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -394,13 +444,17 @@ def to_yaml(cfg: DictConfig) -> str:
 
 def save(cfg: DictConfig, path: str | os.PathLike) -> Path:
     """Write the resolved config atomically (temp file, then rename) and return its path."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        f.write(to_yaml(cfg))
-    os.replace(tmp, path)
-    return path
+    return write_atomic(path, to_yaml(cfg))
+
+
+def save_run_config(cfg: DictConfig, run_dir: str | os.PathLike) -> Path:
+    """Write `<run_dir>/config.yaml`; an earlier, different one is kept beside it, stamped."""
+    path = Path(run_dir) / CONFIG_FILE
+    text = to_yaml(cfg)
+    if path.exists() and path.read_text() != text:
+        stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(path.stat().st_mtime))
+        path.rename(path.with_name(f"config.{stamp}.yaml"))
+    return write_atomic(path, text)
 
 
 def from_yaml_text(text: str, origin: str) -> DictConfig:
@@ -419,13 +473,42 @@ def from_yaml_text(text: str, origin: str) -> DictConfig:
     return cfg
 
 
-def check_run_folder(cfg: DictConfig, run_dir: Path, keys: tuple[str, ...]) -> None:
-    """Refuse a run folder whose saved config.yaml differs from `cfg` in `keys`: it holds a
-    different run. The same run may run there again (resume, or replace its outputs)."""
-    saved = Path(run_dir) / "config.yaml"
+# What a run folder holds, told by what each kind of run leaves in it.
+RUN_MARKERS = (
+    ("checkpoints", "pretraining"),
+    ("encoders.safetensors", "pretraining"),
+    ("result.json", "fine-tuning"),
+    ("cells", "sweep"),
+)
+
+
+def check_run_folder(
+    cfg: DictConfig, run_dir: str | os.PathLike, keys: tuple[str, ...], kind: str | None = None
+) -> None:
+    """Refuse a run folder that holds a different run; the same run may run there again
+    (resume, or replace its outputs).
+
+    Different: its saved config.yaml differs from `cfg` in `keys`; with `kind` (pretraining,
+    fine-tuning, sweep) also a folder holding another kind's outputs (`RUN_MARKERS`), or,
+    for a sweep, a config.yaml that is not a sweep's.
+    """
+    run_dir = Path(run_dir)
+    for name, other in RUN_MARKERS if kind is not None else ():
+        if other != kind and (run_dir / name).exists():
+            raise ConfigError(
+                f"invalid key 'train.run_dir': {run_dir} holds a {other} run ({name} is there); "
+                f"give this {kind} run its own folder with train.run_dir=... or name=..."
+            )
+    saved = run_dir / CONFIG_FILE
     if not saved.is_file():
         return
     old = from_yaml_text(saved.read_text(), str(saved))
+    if kind == "sweep" and not old.sweep.grid.task:
+        raise ConfigError(
+            f"invalid key 'train.run_dir': {run_dir} holds a run that is not a sweep (its "
+            "config.yaml has no sweep.grid.task); give the sweep its own folder with "
+            "train.run_dir=... or name=..."
+        )
     for key in keys:
         a, b = (OmegaConf.select(c, key) for c in (old, cfg))
         if a != b:
@@ -436,13 +519,64 @@ def check_run_folder(cfg: DictConfig, run_dir: Path, keys: tuple[str, ...]) -> N
             )
 
 
+def with_updates(cfg: DictConfig, updates: dict[str, Any]) -> DictConfig:
+    """A copy of a (read-only) config with nested `updates` merged in."""
+    plain = OmegaConf.to_container(cfg, resolve=True)
+    merge_nested(plain, updates)
+    return OmegaConf.create(plain)
+
+
+def merge_nested(base: dict, extra: dict) -> dict:
+    """Merge `extra` into `base` in place, key by key through nested dicts; returns `base`."""
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            merge_nested(base[key], value)
+        else:
+            base[key] = value
+    return base
+
+
+def quote(value: Any) -> str:
+    """`value` as a single-quoted YAML scalar for a key=value override ('01:00:00' stays text)."""
+    return "'" + str(value).replace("'", "''") + "'"
+
+
+def job_parser(
+    prog: str,
+    description: str,
+    epilog: str,
+    config_help: str | None = None,
+    overrides_help: str = "dotted overrides, e.g. train.lr=3e-4",
+    config_required: bool = True,
+) -> argparse.ArgumentParser:
+    """The command line every job shares: `--config <yaml>` and dotted key=value overrides.
+
+    Without `config_help` the parser has neither (a job that takes no config)."""
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description=description,
+        epilog=epilog,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    if config_help is not None:
+        parser.add_argument("--config", required=config_required, help=config_help)
+        parser.add_argument("overrides", nargs="*", metavar="key=value", help=overrides_help)
+    return parser
+
+
 __all__ = [
     "MISSING",
     "ConfigError",
     "JobConfig",
+    "CONFIG_FILE",
     "check_run_folder",
+    "job_parser",
     "load",
+    "merge_nested",
+    "quote",
     "save",
+    "save_run_config",
+    "with_updates",
     "to_yaml",
     "from_yaml_text",
 ]

@@ -13,7 +13,6 @@ took part and the sum is right.
 
 from __future__ import annotations
 
-import argparse
 import os
 import socket
 import sys
@@ -58,8 +57,7 @@ def main(cfg: DictConfig) -> int:
         total = torch.tensor([float(env.rank)], device=distributed.collective_device())
         dist.all_reduce(total)
         expected = env.world_size * (env.world_size - 1) / 2
-        rows: list = [None] * env.world_size
-        dist.all_gather_object(rows, _where_am_i(env))
+        rows = distributed.gather_objects(_where_am_i(env))
         ok = total.item() == expected and all(r is not None for r in rows)
         if env.rank == 0:
             nodes = sorted({str(r["node"]) for r in rows})
@@ -76,14 +74,14 @@ def main(cfg: DictConfig) -> int:
 
 
 def cli(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m pimc_dist.diagnose",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+    parser = config.job_parser(
+        "python -m pimc_dist.diagnose",
+        __doc__,
+        "example: srun --nodes=2 --ntasks-per-node=4 python -m pimc_dist.diagnose",
+        "job YAML (only train.collective_timeout_s is used)",
+        config_required=False,
     )
-    parser.add_argument("--config", help="job YAML (only train.collective_timeout_s is used)")
-    parser.add_argument("overrides", nargs="*", help="key=value config overrides")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
     try:
         cfg = config.load(args.config, args.overrides)
     except config.ConfigError as exc:

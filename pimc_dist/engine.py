@@ -20,6 +20,13 @@ samples seen, data epoch, RNG states, W&B id, resolved config) is JSON, never
 pickle. DeepSpeed's own files, also when converted to the universal format, are
 read back through `torch.load(weights_only=True)` with an allowlist of the few
 DeepSpeed classes they hold (see `_safe_torch_load`).
+
+Precision: in bf16 mode DeepSpeed holds the parameters in bfloat16, keeps buffers
+(BatchNorm statistics, see `pimc_dist.models.norm`) and the optimizer's master weights
+in float32. Every batch reaches the model through `Engine.model_batch` (`cast_batch`:
+floating inputs in the compute dtype, targets untouched); the losses compute in float32;
+`full_state_dict` and `fp32_param` read the float32 masters, so exports and logged
+values stay float32.
 """
 
 from __future__ import annotations
@@ -32,13 +39,15 @@ import pickle
 import random
 import re
 import shutil
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+
+from pimc_dist.config import merge_nested
+from pimc_dist.files import write_atomic
 
 CLIENT_STATE = "client_state.json"  # written last: its presence marks a complete checkpoint
 LATEST = "latest"
@@ -83,16 +92,38 @@ def deepspeed_config(cfg: Any, world_size: int) -> dict[str, Any]:
             raise ValueError(f"{path}: not valid JSON: {exc}") from exc
         if not isinstance(extra, dict):
             raise ValueError(f"{path}: DeepSpeed config must be a JSON object")
-        _deep_update(ds, extra)
+        merge_nested(ds, extra)
     return ds
 
 
-def _deep_update(base: dict, extra: dict) -> None:
-    for key, value in extra.items():
-        if isinstance(value, dict) and isinstance(base.get(key), dict):
-            _deep_update(base[key], value)
-        else:
-            base[key] = value
+# Batch keys that are targets, not model inputs: they keep their dtype when a batch is cast
+# to the model's compute dtype (multi-hot or soft labels stay exact float32).
+TARGET_KEYS = frozenset({"label", "labels", "target", "targets"})
+
+
+def cast_batch(
+    batch: dict[str, Any],
+    dtype: torch.dtype,
+    device: torch.device | str | None = None,
+    *,
+    keep: frozenset[str] | set[str] = TARGET_KEYS,
+) -> dict[str, Any]:
+    """The batch for a model that computes in `dtype`: floating tensors cast to it (and moved
+    to `device` when given), except the targets named in `keep`; integer and boolean tensors
+    keep their dtype, other values (`meta`) pass through.
+
+    DeepSpeed's bf16 mode holds the model in bfloat16 while the loader and the fine-tuning
+    normaliser produce float32; every path that runs a DeepSpeed model feeds it through here
+    (`Engine.model_batch`), so that no path can forget the cast."""
+    out: dict[str, Any] = {}
+    for key, value in batch.items():
+        if isinstance(value, torch.Tensor):
+            if value.is_floating_point() and key not in keep:
+                value = value.to(device=device, dtype=dtype)
+            elif device is not None:
+                value = value.to(device)
+        out[key] = value
+    return out
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -114,6 +145,15 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, 
         {"params": decay, "weight_decay": weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
+
+
+def use_fused_adamw(device_type: str) -> bool:
+    """Whether AdamW runs fused (one kernel over all tensors): on CUDA, where it is fastest.
+
+    Elsewhere torch's default (foreach) is kept: the CPU tests and their reference
+    losses were recorded with it.
+    """
+    return device_type == "cuda"
 
 
 def warmup_cosine(total_steps: int, warmup_steps: int, lr: float, min_lr: float):
@@ -152,15 +192,6 @@ def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
     if state.get("cuda") and torch.cuda.is_available():
         torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in state["cuda"]])
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def latest_tag(ckpt_dir: str | os.PathLike) -> str | None:
@@ -322,6 +353,7 @@ class Engine:
             param_groups(model, float(cfg.train.weight_decay)),
             lr=float(cfg.train.lr),
             betas=tuple(cfg.train.betas),
+            fused=use_fused_adamw(deepspeed.get_accelerator().device_name()) or None,
         )
         warmup = int(round(total_steps * float(cfg.train.warmup_fraction)))
         schedule = torch.optim.lr_scheduler.LambdaLR(
@@ -339,7 +371,27 @@ class Engine:
 
     @property
     def compute_dtype(self) -> torch.dtype:
-        return torch.bfloat16 if self.ds_config["bf16"]["enabled"] else torch.float32
+        """The dtype DeepSpeed holds the model in (bf16 / fp16 modes), else float32."""
+        if self.module.bfloat16_enabled():
+            return torch.bfloat16
+        if self.module.fp16_enabled():
+            return torch.float16
+        return torch.float32
+
+    def model_batch(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """`batch` on the engine's device with its inputs in the compute dtype (`cast_batch`)."""
+        return cast_batch(batch, self.compute_dtype, self.device)
+
+    def fp32_param(self, param: torch.nn.Parameter) -> torch.Tensor:
+        """A parameter's float32 value: the optimizer's master copy in bf16/fp16 mode (a
+        collective under ZeRO: call it on every rank), else the parameter itself, detached."""
+        if self.compute_dtype != torch.float32:
+            from deepspeed.utils import safe_get_full_fp32_param
+
+            master = safe_get_full_fp32_param(param)
+            if master is not None:
+                return master.detach().float().reshape(param.shape)
+        return param.detach().float()
 
     def lr(self) -> float:
         return float(self.optimizer.param_groups[0]["lr"])
@@ -377,8 +429,8 @@ class Engine:
             dist.barrier()  # every rank's files are written; a rank that died never gets here
         if self.rank == 0:
             state = dict(client_state, tag=tag, world_size=self.world_size)
-            _atomic_write_text(folder / CLIENT_STATE, json.dumps(state))
-            _atomic_write_text(self.ckpt_dir / LATEST, tag)
+            write_atomic(folder / CLIENT_STATE, json.dumps(state))
+            write_atomic(self.ckpt_dir / LATEST, tag)
             self._prune(keep=int(self.cfg.train.keep_last), current=tag)
         if dist.is_initialized():
             dist.barrier()
@@ -437,7 +489,26 @@ class Engine:
         module.load_state_dict({name: saved[name] for name in names}, strict=False)
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
-        """Consolidated fp32 weights of the whole model (gathers ZeRO-3 partitions); on every rank."""
+        """Consolidated fp32 weights of the whole model (gathers ZeRO-3 partitions); on every rank.
+
+        In bf16/fp16 mode the parameters are the optimizer's float32 master weights, not the
+        rounded low-precision copies the model computes with; buffers (BatchNorm statistics,
+        kept float32 by DeepSpeed) as they are. Integer buffers keep their dtype.
+        """
+        state = self._module_state()
+        if self.compute_dtype != torch.float32:
+            from deepspeed.utils import safe_get_full_fp32_param
+
+            # A collective under ZeRO (the fragments live on different ranks): every rank
+            # runs it, in the same parameter order.
+            for name, param in self.module.module.named_parameters():
+                master = safe_get_full_fp32_param(param)
+                if master is not None and name in state:
+                    shape = state[name].shape
+                    state[name] = master.detach().float().cpu().reshape(shape).clone()
+        return state
+
+    def _module_state(self) -> dict[str, torch.Tensor]:
         import deepspeed
 
         module = self.module.module
@@ -449,4 +520,7 @@ class Engine:
             else contextlib.nullcontext()
         )
         with ctx:
-            return {k: v.detach().float().cpu().clone() for k, v in module.state_dict().items()}
+            return {
+                k: (v.detach().float() if v.is_floating_point() else v.detach()).cpu().clone()
+                for k, v in module.state_dict().items()
+            }

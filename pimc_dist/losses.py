@@ -12,7 +12,9 @@ Conventions shared by every loss here:
 - ``logit_scale`` is the learnable parameter as CLIP stores it: the *log* of the multiplier
   applied to cosine similarities (``log(1 / 0.07)`` at start, see `logit_scale_parameter`).
   The loss applies ``exp`` and clamps the multiplier at ``max_logit_scale`` (100 like CLIP);
-  above the clamp its gradient is zero, so the scale stops growing.
+  above the clamp its gradient is zero, so the scale stops growing. open_clip's losses take
+  the multiplier itself (``model.logit_scale.exp()``): a first value above
+  ``log(max_logit_scale)``, which can only be a multiplier, warns (once per process).
 - Gathering uses ``torch.distributed`` when a process group is initialised; without one (or with
   world size 1) every loss is the plain single-process loss. Features are gathered after the
   float32 cast, so gradients are summed across ranks in float32.
@@ -47,6 +49,7 @@ and only seen locally, so its averaged gradient is ``mean_r dL_r/ds = dL/ds``.
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 import torch.distributed as dist
@@ -173,6 +176,34 @@ def _logit_multiplier(logit_scale: Tensor | float, max_logit_scale: float, like:
     return log_scale.exp().clamp(max=max_logit_scale)
 
 
+_warned_multiplier = False  # the log-vs-multiplier warning, once per process
+
+
+def _check_log_scale(logit_scale: Tensor | float, max_logit_scale: float) -> None:
+    """Warn (once per process) when `logit_scale` looks like a multiplier, not its log."""
+    global _warned_multiplier
+    if _warned_multiplier:
+        return
+    if isinstance(logit_scale, Tensor):
+        if logit_scale.device.type == "meta" or logit_scale.numel() == 0:
+            return
+        value = float(logit_scale.detach().max())
+    else:
+        value = float(logit_scale)
+    limit = math.log(max_logit_scale)
+    if value > limit:
+        _warned_multiplier = True
+        warnings.warn(
+            f"logit_scale={value:.4g} is above log(max_logit_scale)={limit:.4g}: it looks like the "
+            "multiplier of the similarities (open_clip's convention: pass "
+            "model.logit_scale.exp()), but pimc_dist losses take its log (CLIP's parameter "
+            f"as stored, e.g. log(1/0.07) = {math.log(1 / 0.07):.4g}) and apply exp themselves; "
+            "pass the log (the multiplier is then clamped at max_logit_scale).",
+            UserWarning,
+            stacklevel=3,
+        )
+
+
 def _check_features(name: str, x: Tensor) -> None:
     if x.dim() != 2:
         raise ValueError(f"{name} must be (batch, dim), got shape {tuple(x.shape)}")
@@ -210,6 +241,14 @@ class _GatheredLoss(nn.Module):
         self.max_logit_scale = max_logit_scale
         self.group = group
 
+    def _scale(self, logit_scale: Tensor | float, like: Tensor) -> Tensor:
+        """The clamped multiplier from the log scale; the first call of each loss module also
+        checks (one device sync) that it was given the log, not the multiplier."""
+        if not getattr(self, "_scale_checked", False):
+            self._scale_checked = True
+            _check_log_scale(logit_scale, self.max_logit_scale)
+        return _logit_multiplier(logit_scale, self.max_logit_scale, like)
+
     def _gather(self, *features: Tensor) -> tuple[Tensor, ...]:
         return gather_features(
             *features,
@@ -237,7 +276,7 @@ class ClipLoss(_GatheredLoss):
         _check_pair(a, b)
         a = _compute_dtype_features(a, self.normalize)
         b = _compute_dtype_features(b, self.normalize)
-        scale = _logit_multiplier(logit_scale, self.max_logit_scale, a)
+        scale = self._scale(logit_scale, a)
         rank, world = dist_rank_and_world(self.group)
         all_a, all_b = self._gather(a, b)
         if self.local_loss and world > 1:
@@ -264,7 +303,7 @@ class NTXentLoss(_GatheredLoss):
         _check_pair(a, b)
         a = _compute_dtype_features(a, self.normalize)
         b = _compute_dtype_features(b, self.normalize)
-        scale = _logit_multiplier(logit_scale, self.max_logit_scale, a)
+        scale = self._scale(logit_scale, a)
         rank, world = dist_rank_and_world(self.group)
         rows_per_rank = a.shape[0]
         n_global = rows_per_rank * world
@@ -329,7 +368,7 @@ class SupConLoss(_GatheredLoss):
         if has_label is not None and tuple(has_label.shape) != (rows,):
             raise ValueError(f"has_label must have shape ({rows},), got {tuple(has_label.shape)}")
         features = _compute_dtype_features(features, self.normalize)
-        scale = _logit_multiplier(logit_scale, self.max_logit_scale, features)
+        scale = self._scale(logit_scale, features)
         rank, world = dist_rank_and_world(self.group)
 
         labels = (labels > 0).to(features.dtype)
@@ -387,7 +426,7 @@ class SigLipLoss(_GatheredLoss):
         _check_pair(a, b)
         a = _compute_dtype_features(a, self.normalize)
         b = _compute_dtype_features(b, self.normalize)
-        scale = _logit_multiplier(logit_scale, self.max_logit_scale, a)
+        scale = self._scale(logit_scale, a)
         bias = torch.as_tensor(logit_bias, device=a.device).to(a.dtype)
         rank, _ = dist_rank_and_world(self.group)
         if self.local_loss:

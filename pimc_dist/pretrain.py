@@ -25,9 +25,11 @@ from typing import Any
 import numpy as np
 import torch
 from omegaconf import OmegaConf
+from safetensors.torch import save_file
 
 from pimc_dist import config as config_lib
-from pimc_dist import distributed, shardset
+from pimc_dist import distributed, losses, models, run_lock, shardset
+from pimc_dist.augment import ViewAugmenter
 from pimc_dist.engine import (
     UNIVERSAL_SUFFIX,
     CheckpointError,
@@ -38,6 +40,9 @@ from pimc_dist.engine import (
     rng_state,
     set_rng_state,
 )
+from pimc_dist.eval.tasks import sample_key
+from pimc_dist.label_subset import labelled_mask
+from pimc_dist.models import count_flops, export_encoder_state
 from pimc_dist.models.summary import human_count, model_summary
 from pimc_dist.shardset import ShardError
 from pimc_dist.tracking import Tracker
@@ -57,8 +62,6 @@ class TrainingError(RuntimeError):
 
 def build_loss(cfg: Any) -> torch.nn.Module:
     """The loss module named by `loss.name`."""
-    from pimc_dist import losses
-
     kw = dict(
         local_loss=cfg.loss.local_loss,
         gather_with_grad=cfg.loss.gather_with_grad,
@@ -83,11 +86,9 @@ def build_loss(cfg: Any) -> torch.nn.Module:
 
 def build_model(cfg: Any) -> torch.nn.Module:
     """The multi-view contrastive model from `model.*`."""
-    from pimc_dist import models
-
     if not cfg.model.views:
         raise config_lib.ConfigError("model.views: no view configured (e.g. rp and rsi for PIMC)")
-    return models.build_model(
+    model = models.build_model(
         views=OmegaConf.to_container(cfg.model.views),
         head=OmegaConf.to_container(cfg.model.head),
         shared_encoder=cfg.model.shared_encoder,
@@ -95,25 +96,18 @@ def build_model(cfg: Any) -> torch.nn.Module:
         init_temperature=cfg.model.init_temperature,
         init_logit_bias=-10.0 if cfg.loss.name == "siglip" else None,
     )
-
-
-def random_flip_rot(x: torch.Tensor) -> torch.Tensor:
-    """Per-sample random horizontal flip and 90-degree rotation of (B, C, H, W) crops."""
-    flip = torch.rand(x.shape[0], device=x.device) < 0.5
-    x = torch.where(flip[:, None, None, None], x.flip(-1), x)
-    k = torch.randint(0, 4, (x.shape[0],), device=x.device)
-    out = x.clone()
-    for r in range(1, 4):
-        sel = k == r
-        if sel.any():
-            out[sel] = torch.rot90(x[sel], r, dims=(-2, -1))
-    return out
+    return models.compile_encoders(model) if cfg.train.compile else model
 
 
 def compute_loss(
-    model: torch.nn.Module, loss_fn: torch.nn.Module, batch: dict[str, Any], method: str
+    model: torch.nn.Module,
+    loss_fn: torch.nn.Module,
+    batch: dict[str, Any],
+    method: str,
+    augment: ViewAugmenter | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Forward both views and the contrastive loss; returns (loss, named terms)."""
+    """Forward both views and the contrastive loss; returns (loss, named terms).
+    `augment` draws MoSAiC's two augmentations per modality (default: flips/rotations)."""
     if method == "pimc":
         out = model({"rp": batch["rp"], "rsi": batch["rsi"]})
         if "logit_bias" in out:  # SigLIP
@@ -123,16 +117,34 @@ def compute_loss(
         return loss, {}
     if method == "mosaic":
         # Two augmentations of each modality in one forward per encoder.
-        views = {
-            v: torch.cat([random_flip_rot(batch[v]), random_flip_rot(batch[v])])
-            for v in ("s2", "s1")
-        }
+        augment = augment or ViewAugmenter()
+        views = {v: augment.pair(v, batch[v]) for v in ("s2", "s1")}
         out = model(views)
         s2_a, s2_b = out["s2"].chunk(2)
         s1_a, s1_b = out["s1"].chunk(2)
-        loss, terms = loss_fn(s2_a, s2_b, s1_a, s1_b, batch["labels"], out["logit_scale"])
+        loss, terms = loss_fn(
+            s2_a, s2_b, s1_a, s1_b, batch["labels"], out["logit_scale"], batch.get("has_label")
+        )
         return loss, {k: v.detach() for k, v in terms.items()}
     raise config_lib.ConfigError(f"method: unknown method '{method}' (pimc, mosaic)")
+
+
+def hide_unlabelled(batch: dict[str, Any], fraction: float, seed: int) -> dict[str, Any]:
+    """The batch as the loss may see it at `loss.label_fraction` < 1: the multi-hot labels
+    of samples outside the labelled subset (`label_subset`, keyed like the evaluation's
+    `sample_key` of each sample's JSON) are zeroed, and `has_label` marks the others, so that
+    the SupCon term takes an unlabelled sample as neither anchor, positive nor negative."""
+    if float(fraction) >= 1.0 or "labels" not in batch:
+        return batch
+    if batch.get("meta") is None:
+        raise TrainingError(
+            "loss.label_fraction < 1 needs each sample's JSON (its key) in the batch; "
+            "the shard set has none"
+        )
+    labels = batch["labels"]
+    keys = [sample_key(m) for m in batch["meta"]]
+    mask = torch.from_numpy(labelled_mask(keys, fraction, seed)).to(labels.device)
+    return {**batch, "labels": labels * mask[:, None].to(labels.dtype), "has_label": mask}
 
 
 def check_config(cfg: Any) -> None:
@@ -146,6 +158,14 @@ def check_config(cfg: Any) -> None:
     if (cfg.method == "mosaic") != (cfg.loss.name == "mosaic"):
         raise config_lib.ConfigError(
             f"loss.name: '{cfg.loss.name}' does not fit method '{cfg.method}'"
+        )
+    if not 0.0 < float(cfg.loss.label_fraction) <= 1.0:
+        raise config_lib.ConfigError(
+            f"loss.label_fraction: {cfg.loss.label_fraction} is not in (0, 1]"
+        )
+    if float(cfg.loss.label_fraction) < 1.0 and cfg.loss.name != "mosaic":
+        raise config_lib.ConfigError(
+            f"loss.label_fraction: only the mosaic loss reads labels, not '{cfg.loss.name}'"
         )
     needed = {"pimc": {"rp", "rsi"}, "mosaic": {"s2", "s1"}}[cfg.method]
     missing = needed - set(cfg.model.views)
@@ -184,11 +204,85 @@ def _check_model(cfg: Any) -> None:
         raise config_lib.ConfigError(f"{key}: {message}") from None
 
 
-def _cast_floats(batch: dict[str, Any], dtype: torch.dtype) -> dict[str, Any]:
-    return {
-        k: v.to(dtype) if isinstance(v, torch.Tensor) and v.is_floating_point() else v
-        for k, v in batch.items()
+# What gloo, NCCL and the c10d store say when a peer died, closed its connection or a
+# collective ran past its timeout.
+_LOST_PEER = re.compile(
+    r"closed by peer|connection (reset|refused|closed)|broken pipe|timed out|timeout|"
+    r"watchdog|nccl error|socket|peer|rank \d+ (died|exited)",
+    re.IGNORECASE,
+)
+# Where the collectives of each phase live, for the message.
+_PHASE_COLLECTIVE = {
+    "forward and loss": "feature all-gather",
+    "backward": "gradient all-reduce",
+}
+
+
+def _frames(exc: BaseException) -> list[Any]:
+    """The frames of `exc`'s traceback, outermost first."""
+    frames, tb = [], exc.__traceback__
+    while tb is not None:
+        frames.append(tb.tb_frame)
+        tb = tb.tb_next
+    return frames
+
+
+def _lost_collective(exc: BaseException) -> bool:
+    """Whether `exc` is a collective that timed out or lost a peer (not an error of an op)."""
+    if isinstance(exc, torch.distributed.DistError):
+        return True
+    frames = _frames(exc)
+    innermost = frames[-1].f_code.co_filename if frames else ""
+    in_comm = any(part in innermost for part in ("/torch/distributed/", "/deepspeed/comm/"))
+    return bool(_LOST_PEER.search(str(exc))) or (in_comm and "timeout" in str(exc).lower())
+
+
+def _short_path(filename: str) -> str:
+    for marker in ("/site-packages/", "/pimc_dist/"):
+        if marker in filename:
+            head = "" if marker == "/site-packages/" else "pimc_dist/"
+            return head + filename.rsplit(marker, 1)[1]
+    return filename
+
+
+def error_origin(exc: BaseException, modules: dict[str, torch.nn.Module]) -> str:
+    """Where in a forward pass `exc` was raised: the innermost module on the stack (its name in
+    `modules`: prefix -> root module) and the innermost frame (file:line in function)."""
+    names = {
+        id(m): f"{prefix}.{name}".strip(".") if name else prefix
+        for prefix, root in modules.items()
+        for name, m in root.named_modules()
     }
+    frames = _frames(exc)
+    where = []
+    for frame in reversed(frames):
+        owner = frame.f_locals.get("self")
+        if isinstance(owner, torch.nn.Module) and id(owner) in names:
+            where.append(f"{names[id(owner)] or 'model'} ({type(owner).__name__})")
+            break
+    if frames:
+        code, line = frames[-1].f_code, frames[-1].f_lineno
+        where.append(f"{_short_path(code.co_filename)}:{line} in {code.co_name}")
+    return ", ".join(where) or "unknown"
+
+
+def _failure_message(
+    exc: BaseException, rank: int, phase: str, step: int, modules: dict[str, torch.nn.Module]
+) -> str:
+    """The TrainingError text of `exc`: a lost collective with the another-rank hint, else the
+    failed operation and where it was raised."""
+    head = f"rank {rank}: {phase} failed at step {step}"
+    if _lost_collective(exc):
+        what = _PHASE_COLLECTIVE.get(phase, "a collective")
+        return (
+            f"{head}: {what} timed out or lost a peer: {exc}\n"
+            "Another rank probably died or hangs: look at the other ranks' logs "
+            "(train.collective_timeout_s sets the wait)."
+        )
+    if phase in _PHASE_COLLECTIVE:
+        origin = error_origin(exc, modules)
+        return f"{head} in {origin}: {type(exc).__name__}: {exc}"
+    return f"{head}: {type(exc).__name__}: {exc}"
 
 
 def _mean_over_ranks(values: dict[str, float]) -> dict[str, float]:
@@ -208,20 +302,10 @@ def _all_finite(loss: torch.Tensor) -> bool:
     return bool(flag.item())
 
 
-def _gather_objects(obj: Any) -> list[Any]:
-    if not torch.distributed.is_initialized():
-        return [obj]
-    out: list[Any] = [None] * torch.distributed.get_world_size()
-    torch.distributed.all_gather_object(out, obj)
-    return out
-
-
 def flops_per_sample(cfg: Any, model: torch.nn.Module | None = None) -> float:
     """Analytic training FLOPs per sample: 3x the forward of every view's tower (encoder and
     head, at the configured widths, stems and patch sizes), twice for MoSAiC's two
     augmentations. `model`: the built model of `cfg`, else it is built on the meta device."""
-    from pimc_dist.models import count_flops
-
     if model is None:
         with torch.device("meta"):
             model = build_model(cfg)
@@ -241,6 +325,16 @@ def main(cfg: Any) -> int:
     check_config(cfg)
     env = distributed.init_distributed(timeout_s=int(cfg.train.collective_timeout_s))
     distributed.install_stop_handlers()
+    # One job per run folder, for the job's life (the kernel frees it if the process dies).
+    lock = run_lock.acquire_on_rank0(
+        cfg.train.run_dir, env.rank, distributed.gather_objects, "pretraining"
+    )
+    with lock:
+        return _train(cfg, env)
+
+
+def _train(cfg: Any, env: distributed.DistEnv) -> int:
+    """The pretraining of `main`, run with the run folder locked."""
     rank, world = env.rank, env.world_size
     run_dir = Path(cfg.train.run_dir)
     ckpt_dir = run_dir / "checkpoints"
@@ -249,13 +343,17 @@ def main(cfg: Any) -> int:
     # the universal checkpoint format, which is a DeepSpeed config switch. A ZeRO-0
     # checkpoint holds the whole model and optimizer in rank 0's file: it loads as it is.
     tag = latest_tag(ckpt_dir)
+    # Metrics with no checkpoint: refused on every rank, or moved aside by rank 0 (restart).
+    run_lock.check_metrics_resume(
+        run_dir, has_checkpoint=tag is not None, restart=cfg.train.restart, move=rank == 0
+    )
     state = read_client_state(ckpt_dir, tag) if tag else None
     load_universal = bool(
         state and state["world_size"] != world and any((ckpt_dir / tag).glob("*optim_states.pt"))
     )
     if rank == 0:  # check_config above refused a folder that holds a different run
         run_dir.mkdir(parents=True, exist_ok=True)
-        config_lib.save(cfg, run_dir / "config.yaml")
+        config_lib.save_run_config(cfg, run_dir)
         if load_universal:
             print(
                 f"resuming {tag} saved with {state['world_size']} ranks on {world}: converting to universal"
@@ -290,7 +388,7 @@ def main(cfg: Any) -> int:
         total_steps=math.ceil(total / (micro_batch * accum)),
         load_universal=load_universal,
     )
-    device, dtype = engine.device, engine.compute_dtype
+    device = engine.device
 
     step, samples_seen, data_epoch, skipped, run_id = 0, 0, 0, 0, None
     if tag:
@@ -303,6 +401,7 @@ def main(cfg: Any) -> int:
             print(f"resumed from {ckpt_dir / tag} at step {step} ({samples_seen} samples seen)")
 
     loader = shardset.build_loader(cfg, rank=rank, world_size=world, device=device)
+    augment = ViewAugmenter.from_config(cfg, loader.normalisation)  # augment.<view>.*
     tracker = Tracker(
         cfg, rank=rank, run_dir=run_dir, run_id=run_id, config=OmegaConf.to_container(cfg)
     )
@@ -314,7 +413,7 @@ def main(cfg: Any) -> int:
         nonlocal data_epoch, saved_step
         data_epoch += 1
         saved_step = step
-        rngs = _gather_objects(rng_state())
+        rngs = distributed.gather_objects(rng_state())
         engine.save(
             step,
             {
@@ -351,16 +450,17 @@ def main(cfg: Any) -> int:
                 loader.set_epoch(data_epoch := data_epoch + 1)
                 batches = iter(loader)
                 continue
-            batch = _cast_floats(loader.to_device(batch, device), dtype)
+            batch = engine.model_batch(loader.to_device(batch, device))
+            batch = hide_unlabelled(batch, cfg.loss.label_fraction, cfg.loss.label_seed)
             t1 = time.perf_counter()
             window_wait += t1 - t0
-            phase = "forward and loss (feature all-gather)"
+            phase = "forward and loss"
             engine.module.train()
-            loss, terms = compute_loss(engine.module, loss_fn, batch, cfg.method)
+            loss, terms = compute_loss(engine.module, loss_fn, batch, cfg.method, augment)
             stepped = False
             if _all_finite(loss):  # the same answer on every rank
                 nonfinite_in_row = 0
-                phase = "backward (gradient all-reduce)"
+                phase = "backward"
                 engine.module.backward(loss)
                 phase = "optimizer step"
                 engine.module.step()  # DeepSpeed steps the optimizer every `accum` calls
@@ -399,7 +499,8 @@ def main(cfg: Any) -> int:
                         **{f"loss/{k}": v for k, v in step_losses.items()},
                     }
                 )
-                scale = engine.module.module.logit_scale.detach().exp()
+                # The float32 master value (bf16 would show the temperature in 3 digits).
+                scale = engine.fp32_param(engine.module.module.logit_scale).exp()
                 metrics = {
                     **losses,
                     # A tensor division: a diverged scale gives inf, not ZeroDivisionError.
@@ -451,14 +552,15 @@ def main(cfg: Any) -> int:
             if cfg.train.export_on_end:
                 phase = "export"
                 export_encoders(engine, run_dir / "encoders.safetensors", rank)
-    except (RuntimeError, OSError) as exc:
-        if isinstance(exc, TrainingError):
+    except Exception as exc:
+        # Errors of the forward pass and the loss (a wrong dtype or shape, a bad option) are
+        # reported with their origin, whatever their type; elsewhere only runtime and I/O ones.
+        if isinstance(exc, TrainingError) or not (
+            isinstance(exc, (RuntimeError, OSError)) or phase in _PHASE_COLLECTIVE
+        ):
             raise
-        raise TrainingError(
-            f"rank {rank}: {phase} failed at step {step}: {exc}\n"
-            "A collective that fails or times out usually means another rank died or hangs: "
-            "look at the other ranks' logs (train.collective_timeout_s sets the wait)."
-        ) from exc
+        modules = {"": engine.module.module, "loss": loss_fn}
+        raise TrainingError(_failure_message(exc, rank, phase, step, modules)) from exc
     finally:
         progress.close()
     tracker.summary({"samples_seen": samples_seen, "steps": step})
@@ -474,10 +576,6 @@ def main(cfg: Any) -> int:
 
 def export_encoders(engine: Engine, path: Path, rank: int) -> None:
     """Write consolidated fp32 weights of every encoder and head as safetensors (rank 0)."""
-    from safetensors.torch import save_file
-
-    from pimc_dist.models import export_encoder_state
-
     state = engine.full_state_dict()
     if rank == 0:
         tensors = export_encoder_state(state)
@@ -544,6 +642,9 @@ def cli(argv: list[str] | None = None) -> int:
         return 2
     try:
         return main(cfg)
+    except run_lock.RunFolderError as exc:  # in use by another job, or metrics to keep
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     except (TrainingError, CheckpointError, ShardError, config_lib.ConfigError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -51,6 +51,9 @@ from pimc_dist import indices, pixel_selection, recurrence
 from pimc_dist.sources.base import MultimodalPatch, ScenePatch, TimeSeriesPatch
 
 MAX_KEY_LENGTH = 80  # tar member names hold 100 bytes: key + ".series.npy" must fit
+# JSON keys whose values many samples share (a patch's grid dates, band names): the shard
+# writer stores each value once, in the manifest, and a sample's JSON names it by id.
+META_TABLES = ("dates", "s1_bands", "s2_bands", "bands")
 _KEY_UNSAFE = re.compile(r"[^A-Za-z0-9_\-]")
 
 
@@ -187,6 +190,37 @@ def centred_crops(
     return crops, needs_pad
 
 
+def patch_index_series(patch: TimeSeriesPatch, cfg: PixelSampling) -> indices.IndexSeries:
+    """Cleaned index series of a patch on the regular grid: NDVI/EVI/SAVI from B02/B04/B08,
+    or, when its bands include NDVI / EVI / SAVI (point tables), those values as given
+    (one channel per given index, in that order; NDVI alone gives one-channel plots)."""
+    names = [indices.canonical_band_name(b) for b in patch.band_names]
+    given = [n.upper() for n in indices.INDEX_NAMES if n.upper() in names]
+    if not given:
+        return indices.index_series(
+            patch.bands,
+            patch.band_names,
+            patch.dates,
+            valid=patch.valid,
+            step_days=cfg.grid_step_days,
+            start=cfg.grid_start,
+            length=cfg.grid_length,
+            dn_scale=patch.dn_scale,
+            dn_offset=patch.dn_offset,
+        )
+    picked = np.take(np.asarray(patch.bands), indices.band_positions(patch.band_names, given), 1)
+    values = np.moveaxis(picked.astype(np.float32), 1, 0)  # (K, T, H, W)
+    trusted = np.isfinite(values)
+    if patch.valid is not None:
+        trusted &= np.asarray(patch.valid, dtype=bool)[None]
+    cleaned = indices.clean_indices(values, trusted, dates=patch.dates)
+    grid = indices.regular_grid(
+        patch.dates, cfg.grid_step_days, cfg.grid_start, length=cfg.grid_length
+    )
+    series = indices.resample_to_grid(cleaned.values, patch.dates, grid, axis=1)
+    return indices.IndexSeries(series, grid, cleaned.all_invalid, cleaned.n_valid)
+
+
 def pimc_samples(
     patch: TimeSeriesPatch, cfg: PixelSampling
 ) -> tuple[list[dict[str, Any]], list[str]]:
@@ -196,17 +230,7 @@ def pimc_samples(
     pickable pixel). Pixels with no valid observation are never sampled; a note
     counts them.
     """
-    result = indices.index_series(
-        patch.bands,
-        patch.band_names,
-        patch.dates,
-        valid=patch.valid,
-        step_days=cfg.grid_step_days,
-        start=cfg.grid_start,
-        length=cfg.grid_length,
-        dn_scale=patch.dn_scale,
-        dn_offset=patch.dn_offset,
-    )
+    result = patch_index_series(patch, cfg)
     height, width = result.all_invalid.shape
     n_bad = int(result.all_invalid.sum())
     if n_bad == height * width:
@@ -229,7 +253,9 @@ def pimc_samples(
     series = np.ascontiguousarray(result.series[:, :, rows, cols].transpose(2, 0, 1))
     series = series.astype(np.float16)
     plots = recurrence.recurrence_plot_uint8(series.astype(np.float32), size=cfg.rp_size or None)
-    crops, padded = centred_crops(crop_image(patch, cfg.crop_source), pixels, cfg.crop_size)
+    crops, padded = None, np.zeros(len(pixels), dtype=bool)
+    if patch.has_image:  # a point of a table has no image around it: no crop view
+        crops, padded = centred_crops(crop_image(patch, cfg.crop_source), pixels, cfg.crop_size)
     s1_crops, s1_names = None, []
     if patch.s1:
         # SAR dates differ from the optical ones: the crop is always the median composite.
@@ -242,10 +268,10 @@ def pimc_samples(
     for i, (r, c) in enumerate(pixels.tolist()):
         samples.append(
             {
-                "__key__": f"{key}_r{r:04d}_c{c:04d}",
+                "__key__": f"{key}_r{r:04d}_c{c:04d}" if patch.has_image else key,
                 "rp.png": plots[i],  # (3, S, S): NDVI, EVI, SAVI as the R, G, B planes
                 "series.npy": series[i],
-                "rsi.npy": crops[i],
+                **({"rsi.npy": crops[i]} if crops is not None else {}),
                 "json": {
                     "dataset": patch.dataset,
                     "patch": patch.patch_id,
@@ -261,6 +287,8 @@ def pimc_samples(
                 },
             }
         )
+        if not patch.has_image:  # points of a table: their group decides their split
+            samples[-1]["json"]["group"] = patch.meta.get("group")
         if s1_crops is not None:
             samples[-1]["s1.npy"] = s1_crops[i]
             samples[-1]["json"]["s1_bands"] = s1_names

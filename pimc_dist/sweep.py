@@ -44,13 +44,10 @@ resubmitted there with a grown grid or changed overrides.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
-import csv
 import fcntl
 import itertools
 import json
-import math
 import os
 import re
 import sys
@@ -61,14 +58,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import submitit
 from omegaconf import DictConfig, OmegaConf
 
 from pimc_dist import config as config_lib
+from pimc_dist import jobs, tracking, viz
+from pimc_dist.config import quote
+from pimc_dist.eval import finetune
+from pimc_dist.eval.results import ERROR_FILE, read_result, result_rows, write_tables
+from pimc_dist.files import write_json_atomic
+from pimc_dist.jobs import EntryJob
 
 # The checkout holding the package (relative config paths are also tried against it).
 PACKAGE_ROOT = Path(__file__).resolve().parent.parent
 
-RESULT_FILE = "result.json"
+RESULT_FILE = finetune.RESULT_FILE
 PATH_KEYS = (
     "finetune.ckpt",
     "loader.shards",
@@ -76,14 +80,6 @@ PATH_KEYS = (
     "finetune.val_shards",
     "finetune.test_shards",
 )
-ERROR_FILE = "error.json"
-KEY_METRICS = {
-    "pastis_forecast": ["rmse_ndvi", "rmse_evi", "rmse_savi", "rmse"],
-    "pastis_pixel_cls": ["oa", "macro_f1", "miou"],
-    "eurosat_cls": ["oa", "macro_f1"],
-    "reben_multilabel": ["map_macro", "map_micro", "f1_macro", "f1_micro"],
-    "sen12ms_multilabel": ["map_macro", "map_micro", "f1_macro", "f1_micro"],
-}
 EXAMPLES = """examples:
   python -m pimc_dist.launch sweep --config configs/sweep/demo.yaml
   python -m pimc_dist.sweep --config configs/sweep/demo.yaml sweep.parallelism=2
@@ -187,10 +183,6 @@ def task_config_path(cfg: Any, task: str) -> Path:
     )
 
 
-def _quote(value: Any) -> str:
-    return "'" + str(value).replace("'", "''") + "'"
-
-
 def cell_config(cfg: Any, cell: Cell) -> DictConfig:
     """The full fine-tuning config of one cell."""
     group = cfg.tracking.group or cfg.name
@@ -199,10 +191,10 @@ def cell_config(cfg: Any, cell: Cell) -> DictConfig:
     overrides = [
         *cfg.sweep.overrides,
         *cell.overrides(),
-        f"name={_quote(f'{cfg.name}-{cell.id}')}",
-        f"train.run_dir={_quote(cell_dir(cfg, cell))}",
-        f"finetune.feature_cache={_quote(sweep_dir(cfg) / 'features')}",
-        f"tracking.group={_quote(group)}",
+        f"name={quote(f'{cfg.name}-{cell.id}')}",
+        f"train.run_dir={quote(cell_dir(cfg, cell))}",
+        f"finetune.feature_cache={quote(sweep_dir(cfg) / 'features')}",
+        f"tracking.group={quote(group)}",
         *(f"tracking.{k}={_yaml_value(v)}" for k, v in tracking.items() if k != "group"),
         *(f"launch.{k}={_yaml_value(v)}" for k, v in launch.items()),
     ]
@@ -210,7 +202,7 @@ def cell_config(cfg: Any, cell: Cell) -> DictConfig:
     cell_cfg = config_lib.load(path, overrides)
     # Array tasks may start in another folder: relative data and weight paths become absolute.
     fixed = [
-        f"{key}={_quote(Path(value).resolve())}"
+        f"{key}={quote(Path(value).resolve())}"
         for key in PATH_KEYS
         if (value := OmegaConf.select(cell_cfg, key)) and not Path(value).is_absolute()
     ]
@@ -222,27 +214,12 @@ def _yaml_value(value: Any) -> str:
         return "null"
     if isinstance(value, (list, dict, bool, int, float)):
         return json.dumps(value)
-    return _quote(value)
+    return quote(value)
 
 
 # ---------------------------------------------------------------------------
 # Cell status
 # ---------------------------------------------------------------------------
-
-
-def read_result(path: Path) -> dict[str, Any] | None:
-    """A cell's result, or None if missing; an unreadable one counts as missing (rerun)."""
-    try:
-        value = json.loads(path.read_text())
-    except FileNotFoundError:
-        return None
-    except (OSError, json.JSONDecodeError) as exc:
-        print(f"sweep: {path}: unreadable result ({exc}); the cell counts as not done")
-        return None
-    if not isinstance(value, dict) or value.get("status") != "ok" or "metrics" not in value:
-        print(f"sweep: {path}: not a finished result (no status ok / metrics); not done")
-        return None
-    return value
 
 
 def cell_status(cfg: Any, cell: Cell) -> str:
@@ -293,11 +270,12 @@ def run_slot(slots_dir: Path | None, slots: int, poll_s: float = 0.5) -> Iterato
 
 
 class CellJob:
-    """One array task: a fine-tuning run (a `launch.EntryJob`) that records its failure.
+    """One array task: a fine-tuning run (a `jobs.EntryJob`) that records its failure.
 
     Locally it first takes one of the sweep's slots (the parallelism limit the
-    LocalExecutor lacks), before importing anything heavy, so that waiting tasks
-    cost nothing. Requeue on timeout or preemption resubmits the cell (submitit
+    LocalExecutor lacks) before it starts the fine-tuning, so that at most
+    `sweep.parallelism` cells train at once (waiting tasks hold only their
+    imports). Requeue on timeout or preemption resubmits the cell (submitit
     calls `checkpoint`), up to `launch.max_requeues` times.
     """
 
@@ -322,9 +300,7 @@ class CellJob:
         (folder / ERROR_FILE).unlink(missing_ok=True)
         with run_slot(Path(self.slots_dir) if self.slots_dir else None, self.slots):
             try:
-                from pimc_dist.launch import EntryJob
-
-                return EntryJob("finetune", self.cfg_yaml, self.requeues)()
+                return EntryJob("finetune", self.cfg_yaml, finetune.main, self.requeues)()
             except BaseException as exc:
                 record = {
                     "error": f"{type(exc).__name__}: {exc}",
@@ -333,12 +309,10 @@ class CellJob:
                     or os.environ.get("SUBMITIT_LOCAL_JOB_ID"),
                     "time": time.strftime("%Y-%m-%d %H:%M:%S"),
                 }
-                (folder / ERROR_FILE).write_text(json.dumps(record, indent=1))
+                write_json_atomic(folder / ERROR_FILE, record)
                 raise
 
     def checkpoint(self, *args: Any, **kwargs: Any) -> Any:
-        import submitit
-
         if self.requeues >= self.config().launch.max_requeues:
             return None
         again = CellJob(self.cfg_yaml, self.requeues + 1, self.slots_dir, self.slots)
@@ -362,11 +336,9 @@ class SubmittedArray:
 
 def submit_array(cfg: Any, cells: list[Cell], cluster: str) -> SubmittedArray:
     """Submit the cells as one submitit job array (Slurm) or one batch of local jobs."""
-    from pimc_dist import launch
-
     folder = sweep_dir(cfg) / "slurm"
     configs = [cell_config(cfg, c) for c in cells]  # every cell validated before anything runs
-    executor = launch.make_executor(cfg, "finetune", cluster)  # folder: <sweep>/slurm/%j
+    executor = jobs.make_executor(cfg, "finetune", cluster)  # folder: <sweep>/slurm/%j
     slots_dir = None
     if cluster == "slurm":
         executor.update_parameters(
@@ -378,22 +350,20 @@ def submit_array(cfg: Any, cells: list[Cell], cluster: str) -> SubmittedArray:
         os.environ["PYTHONPATH"] = (
             f"{PACKAGE_ROOT}{os.pathsep}{path}" if path else str(PACKAGE_ROOT)
         )
-    jobs = []
+    submitted = []
     with executor.batch():
         for cell_cfg in configs:
             job = CellJob(
                 config_lib.to_yaml(cell_cfg), slots_dir=slots_dir, slots=int(cfg.sweep.parallelism)
             )
-            jobs.append(executor.submit(job))
-    return SubmittedArray(cluster, jobs, cells, folder)
+            submitted.append(executor.submit(job))
+    return SubmittedArray(cluster, submitted, cells, folder)
 
 
 def _job_finished(job: Any, cluster: str) -> bool:
     if cluster == "slurm":
-        from pimc_dist.launch import SLURM_FINAL_STATES, slurm_job_info
-
-        info = slurm_job_info(str(job.job_id))
-        return info is None or info.get("JobState") in SLURM_FINAL_STATES
+        info = jobs.slurm_job_info(str(job.job_id))
+        return info is None or info.get("JobState") in jobs.SLURM_FINAL_STATES
     return job.done()
 
 
@@ -426,7 +396,7 @@ def mark_lost_cells(cfg: Any, sub: SubmittedArray) -> None:
                 "job_id": str(job.job_id),
                 "time": time.strftime("%Y-%m-%d %H:%M:%S"),
             }
-            (folder / ERROR_FILE).write_text(json.dumps(record, indent=1))
+            write_json_atomic(folder / ERROR_FILE, record)
 
 
 # ---------------------------------------------------------------------------
@@ -434,252 +404,11 @@ def mark_lost_cells(cfg: Any, sub: SubmittedArray) -> None:
 # ---------------------------------------------------------------------------
 
 
-def _scalar_metrics(metrics: dict[str, Any]) -> dict[str, float]:
-    return {
-        k: float(v)
-        for k, v in metrics.items()
-        if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "n"
-    }
-
-
-def result_rows(cfg: Any, cells: list[Cell]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """(rows of finished cells and their baselines, failed or missing cells)."""
-    rows: list[dict[str, Any]] = []
-    problems: list[dict[str, Any]] = []
-    baseline_seen: set[tuple] = set()
-    for cell in cells:
-        folder = cell_dir(cfg, cell)
-        result = read_result(folder / RESULT_FILE)
-        if result is None:
-            error_path = folder / ERROR_FILE
-            if error_path.is_file():
-                try:
-                    error = json.loads(error_path.read_text()).get("error", "?")
-                except (OSError, json.JSONDecodeError):
-                    error = f"unreadable {error_path}"
-                problems.append(
-                    {"cell": cell.id, "status": "failed", "error": error, "folder": str(folder)}
-                )
-            else:
-                problems.append(
-                    {
-                        "cell": cell.id,
-                        "status": "missing",
-                        "error": "no result (not run, killed or timed out)",
-                        "folder": str(folder),
-                    }
-                )
-            continue
-        primary = result.get("primary")
-        base = {
-            "cell": cell.id,
-            "task": cell.task,
-            "protocol": cell.protocol,
-            "init": cell.init,
-            "lr": _lr_text(cell, result),
-            "label_fraction": cell.label_fraction,
-            "seed": cell.seed,
-        }
-        val = result.get("val_metrics", {}).get(primary, float("nan"))
-        rows.append(
-            {
-                **base,
-                "primary": primary,
-                f"val_{primary}": val,
-                "val_primary": val,
-                **_scalar_metrics(result["metrics"]),
-                "selected_lr": result.get("selected", {}).get("lr"),
-                "selected_epoch": result.get("selected", {}).get("epoch"),
-                "train_samples": result.get("samples", {}).get("train_labelled"),
-                "total_s": result.get("timings", {}).get("total_s"),
-            }
-        )
-        for name, metrics in (result.get("baselines") or {}).items():
-            key = (cell.task, name, cell.label_fraction, cell.seed)
-            if key in baseline_seen:
-                continue
-            baseline_seen.add(key)
-            rows.append(
-                {
-                    **base,
-                    "cell": f"{cell.id}:{name}",
-                    "protocol": name,
-                    "init": "-",
-                    "lr": "-",
-                    "primary": primary,
-                    **_scalar_metrics(metrics),
-                }
-            )
-    return rows, problems
-
-
-def _lr_text(cell: Cell, result: dict[str, Any]) -> str:
-    if cell.protocol == "linear":
-        return "grid"
-    lr = result.get("lr")
-    return f"{lr:g}" if isinstance(lr, (int, float)) else "-"
-
-
-def _mean_std(values: list[float]) -> tuple[float, float, int]:
-    finite = [v for v in values if isinstance(v, (int, float)) and math.isfinite(v)]
-    if not finite:
-        return float("nan"), float("nan"), 0
-    mean = sum(finite) / len(finite)
-    var = sum((v - mean) ** 2 for v in finite) / (len(finite) - 1) if len(finite) > 1 else 0.0
-    return mean, math.sqrt(var), len(finite)
-
-
-def group_rows(rows: list[dict[str, Any]]) -> dict[tuple, list[dict[str, Any]]]:
-    """Rows grouped by (task, protocol, init, lr, label_fraction): the seeds of one setting."""
-    groups: dict[tuple, list[dict[str, Any]]] = {}
-    for row in rows:
-        key = (row["task"], row["protocol"], row["init"], row["lr"], row["label_fraction"])
-        groups.setdefault(key, []).append(row)
-    return groups
-
-
-def write_csv(rows: list[dict[str, Any]], path: Path) -> Path:
-    columns: list[str] = []
-    for row in rows:
-        columns += [k for k in row if k not in columns]
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns)
-        writer.writeheader()
-        for row in rows:
-            writer.writerow(row)
-    return path
-
-
-def write_markdown(
-    cfg: Any, rows: list[dict[str, Any]], problems: list[dict[str, Any]], n_cells: int, path: Path
-) -> Path:
-    groups = group_rows(rows)
-    lines = [f"# Sweep {cfg.name}", ""]
-    done = n_cells - len(problems)
-    lines += [f"{done} of {n_cells} cells finished; mean ± std over seeds (n = seeds).", ""]
-    for task in dict.fromkeys(r["task"] for r in rows):
-        metrics = KEY_METRICS.get(task) or sorted(
-            {k for r in rows if r["task"] == task for k in _scalar_metrics(r)}
-        )
-        primary = next((r["primary"] for r in rows if r["task"] == task), "")
-        lines += [
-            f"## {task}",
-            "",
-            f"Test metrics; cells pick lr/epoch by validation {primary}.",
-            "",
-        ]
-        header = ["protocol", "init", "lr", "label fraction", *metrics, f"val {primary}", "n"]
-        lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-        keys = sorted(
-            (k for k in groups if k[0] == task),
-            key=lambda k: (
-                k[4],
-                k[1] in ("persistence", "seasonal_naive", "climatology"),
-                k[1],
-                k[2],
-                str(k[3]),
-            ),
-        )
-        for key in keys:
-            members = groups[key]
-            cells = []
-            for m in metrics:
-                mean, std, _ = _mean_std([r.get(m, float("nan")) for r in members])
-                cells.append("–" if math.isnan(mean) else f"{mean:.4f} ± {std:.4f}")
-            vmean, vstd, _ = _mean_std([r.get("val_primary", float("nan")) for r in members])
-            cells.append("–" if math.isnan(vmean) else f"{vmean:.4f}")
-            lines.append(
-                "| "
-                + " | ".join(
-                    [key[1], key[2], str(key[3]), f"{key[4]:g}", *cells, str(len(members))]
-                )
-                + " |"
-            )
-        lines.append("")
-    if problems:
-        lines += ["## Failed or missing cells", ""]
-        lines += [
-            f"- `{p['cell']}` ({p['status']}): {p['error']} — {p['folder']}" for p in problems
-        ]
-        lines += [
-            "",
-            "Rerun only these: add `sweep.rerun_failed=true` (finished cells are kept).",
-            "",
-        ]
-    path.write_text("\n".join(lines))
-    return path
-
-
-def plot_results(rows: list[dict[str, Any]], path: Path) -> Path | None:
-    """Primary test metric vs label fraction per task; best lr per (protocol, init) by validation."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    tasks = list(dict.fromkeys(r["task"] for r in rows))
-    if not tasks:
-        return None
-    fig, axes = plt.subplots(1, len(tasks), figsize=(5.0 * len(tasks), 3.8), squeeze=False)
-    groups = group_rows(rows)
-    for ax, task in zip(axes[0], tasks, strict=True):
-        primary = next(r["primary"] for r in rows if r["task"] == task)
-        curves: dict[tuple[str, str], dict[float, tuple]] = {}
-        for (t, protocol, init, _lr, fraction), members in groups.items():
-            if t != task:
-                continue
-            mean, std, _ = _mean_std([r.get(primary, float("nan")) for r in members])
-            vmean, _, _ = _mean_std([r.get("val_primary", float("nan")) for r in members])
-            current = curves.setdefault((protocol, init), {}).get(fraction)
-            better = current is None or _val_better(vmean, current[2], task)
-            if better:
-                curves[(protocol, init)][fraction] = (mean, std, vmean)
-        for (protocol, init), points in sorted(curves.items()):
-            xs = sorted(points)
-            label = protocol if init == "-" else f"{protocol}/{init}"
-            style = "--" if init == "-" else "-"
-            ax.errorbar(
-                xs,
-                [points[x][0] for x in xs],
-                yerr=[points[x][1] for x in xs],
-                marker="o",
-                linestyle=style,
-                capsize=3,
-                label=label,
-            )
-        ax.set_xscale("log")
-        ax.set_xlabel("label fraction")
-        ax.set_ylabel(f"test {primary}")
-        ax.set_title(task)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
-
-
-def _val_better(a: float, b: float, task: str) -> bool:
-    from pimc_dist.eval.tasks import get_task
-
-    if math.isnan(b):
-        return True
-    return get_task(task).better(a, b)
-
-
 def aggregate(cfg: Any, cells: list[Cell] | None = None) -> dict[str, Any]:
     """Write results.csv, results.md, results.png and failed.json; return a summary."""
     cells = expand_grid(cfg) if cells is None else cells
-    folder = sweep_dir(cfg)
-    folder.mkdir(parents=True, exist_ok=True)
-    rows, problems = result_rows(cfg, cells)
-    paths = {
-        "csv": write_csv(rows, folder / "results.csv"),
-        "markdown": write_markdown(cfg, rows, problems, len(cells), folder / "results.md"),
-        "plot": plot_results(rows, folder / "results.png") if rows else None,
-    }
-    (folder / "failed.json").write_text(json.dumps(problems, indent=1))
-    paths["failed"] = folder / "failed.json"
+    rows, problems = result_rows((c, cell_dir(cfg, c)) for c in cells)
+    paths = write_tables(cfg.name, rows, problems, len(cells), sweep_dir(cfg))
     _log_to_wandb(cfg, rows, problems, len(cells), paths["plot"])
     return {"rows": rows, "problems": problems, "paths": paths, "cells": len(cells)}
 
@@ -690,27 +419,23 @@ def _log_to_wandb(
     """A summary run with the results table and plot in the sweep's W&B group."""
     if not cfg.tracking.wandb or cfg.tracking.mode == "disabled" or not rows:
         return
-    from pimc_dist.tracking import Tracker
-
     summary_cfg = config_lib.load(
         None,
         [
-            f"name={_quote(f'{cfg.name}-summary')}",
-            f"tracking.group={_quote(cfg.tracking.group or cfg.name)}",
+            f"name={quote(f'{cfg.name}-summary')}",
+            f"tracking.group={quote(cfg.tracking.group or cfg.name)}",
             f"tracking.mode={cfg.tracking.mode}",
-            f"tracking.project={_quote(cfg.tracking.project)}",
-            *([f"tracking.entity={_quote(cfg.tracking.entity)}"] if cfg.tracking.entity else []),
+            f"tracking.project={quote(cfg.tracking.project)}",
+            *([f"tracking.entity={quote(cfg.tracking.entity)}"] if cfg.tracking.entity else []),
         ],
     )
-    tracker = Tracker(summary_cfg, rank=0, run_dir=sweep_dir(cfg) / "summary")
+    tracker = tracking.Tracker(summary_cfg, rank=0, run_dir=sweep_dir(cfg) / "summary")
     if tracker.run is not None:
-        import wandb
-
         columns = sorted({k for r in rows for k in r})
-        table = wandb.Table(columns=columns, data=[[r.get(c) for c in columns] for r in rows])
+        table = tracking.wandb.Table(
+            columns=columns, data=[[r.get(c) for c in columns] for r in rows]
+        )
         tracker.run.log({"results": table}, step=0)
-    from pimc_dist import viz
-
     viz.log_pngs(tracker, {"results_plot": plot}, step=0)
     tracker.summary({"cells": n, "failed": len(problems)})
     tracker.finish()
@@ -723,9 +448,6 @@ def _log_to_wandb(
 
 def check_config(cfg: Any) -> None:
     """Grid, sweep folder, W&B and every cell's config checked before anything is submitted."""
-    from pimc_dist import tracking
-    from pimc_dist.eval import finetune
-
     if int(cfg.sweep.parallelism) < 1:
         raise config_lib.ConfigError("invalid key 'sweep.parallelism': must be at least 1")
     check_sweep_folder(cfg)
@@ -743,20 +465,7 @@ def check_sweep_folder(cfg: Any) -> None:
     The grid, overrides and task configs may change between submissions: cells are
     kept by id, and fixing what made some fail, then rerunning them, is the usual way.
     """
-    from pimc_dist.eval import finetune
-
-    folder = sweep_dir(cfg)
-    saved = folder / "config.yaml"
-    if (
-        saved.is_file()
-        and not config_lib.from_yaml_text(saved.read_text(), str(saved)).sweep.grid.task
-    ):
-        raise config_lib.ConfigError(
-            f"invalid key 'train.run_dir': {folder} holds a run that is not a sweep (its "
-            "config.yaml has no sweep.grid.task); give the sweep its own folder with "
-            "train.run_dir=... or name=..."
-        )
-    finetune.check_run_folder(cfg, folder, "sweep", ("name",))
+    config_lib.check_run_folder(cfg, sweep_dir(cfg), ("name",), kind="sweep")
 
 
 def run(cfg: Any, cluster: str, dry_run: bool = False) -> int:
@@ -775,7 +484,7 @@ def run(cfg: Any, cluster: str, dry_run: bool = False) -> int:
         return 0
     folder = sweep_dir(cfg)
     folder.mkdir(parents=True, exist_ok=True)
-    config_lib.save(cfg, folder / "config.yaml")
+    config_lib.save_run_config(cfg, folder)
     if todo:
         sub = submit_array(cfg, todo, cluster)
         where = "Slurm" if cluster == "slurm" else "this machine (submitit LocalExecutor)"
@@ -808,9 +517,7 @@ def run(cfg: Any, cluster: str, dry_run: bool = False) -> int:
 
 def main(cfg: Any) -> int:
     """Run the sweep from this process (the `launch` job-kind contract): submit, wait, aggregate."""
-    from pimc_dist import launch
-
-    return run(cfg, launch.resolve_cluster(cfg.launch.cluster))
+    return run(cfg, jobs.resolve_cluster(cfg.launch.cluster))
 
 
 def submit_jobs(cfg: Any, cluster: str, dry_run: bool = False) -> int:
@@ -818,17 +525,14 @@ def submit_jobs(cfg: Any, cluster: str, dry_run: bool = False) -> int:
     return run(cfg, cluster, dry_run=dry_run)
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="python -m pimc_dist.sweep",
-        description=(
-            "Run a grid of fine-tuning / linear-probe cells as one submitit job array (Slurm, or "
-            "locally with the same code), then aggregate results.csv, results.md and results.png."
-        ),
-        epilog=EXAMPLES,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+def parse_args(argv: list[str] | None = None) -> Any:
+    parser = config_lib.job_parser(
+        "python -m pimc_dist.sweep",
+        "Run a grid of fine-tuning / linear-probe cells as one submitit job array (Slurm, or "
+        "locally with the same code), then aggregate results.csv, results.md and results.png.",
+        EXAMPLES,
+        "sweep YAML (configs/sweep/*.yaml)",
     )
-    parser.add_argument("--config", required=True, help="sweep YAML (configs/sweep/*.yaml)")
     parser.add_argument(
         "--cluster", choices=("auto", "slurm", "local"), help="default: launch.cluster"
     )
@@ -838,26 +542,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--dry-run", action="store_true", help="list the cells to run; submit nothing"
     )
-    parser.add_argument("overrides", nargs="*", help="dotted key=value overrides")
-    return parser.parse_args(argv)
+    return parser.parse_intermixed_args(argv)
 
 
 def cli(argv: list[str] | None = None) -> int:
-    from pimc_dist import launch as launch_lib
-
     args = parse_args(argv)
     try:
         overrides = list(args.overrides)
         if args.cluster:
             overrides.append(f"launch.cluster={args.cluster}")
-        cfg = launch_lib.load_job_config(args.config, overrides)
+        cfg = jobs.load_job_config(args.config, overrides)
         if args.aggregate:
             summary = aggregate(cfg)
             for name, path in summary["paths"].items():
                 if path:
                     print(f"{name + ':':10s}{path}")
             return 1 if summary["problems"] else 0
-        return run(cfg, launch_lib.resolve_cluster(cfg.launch.cluster), dry_run=args.dry_run)
+        return run(cfg, jobs.resolve_cluster(cfg.launch.cluster), dry_run=args.dry_run)
     except config_lib.ConfigError as exc:
         print(f"sweep: {exc}", file=sys.stderr)
         return 2

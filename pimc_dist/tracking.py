@@ -4,6 +4,10 @@ W&B runs offline by default, its files under `<run_dir>/wandb`; `tracking.mode=o
 needs a key (`wandb login` or WANDB_API_KEY). The W&B run id is kept in the
 checkpoint's client state, so a requeued job continues the same W&B run
 (`wandb.init(id=..., resume="allow")`).
+
+W&B is silent on the console: rank 0 prints one line saying where its files are (and, offline,
+how to upload them), and W&B's own messages go to `<run_dir>/wandb/debug.log`;
+`tracking.verbose=true` lets W&B print its banner, warnings and summary again.
 """
 
 from __future__ import annotations
@@ -80,6 +84,14 @@ def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
     return rows
 
 
+def wandb_line(files_dir: str | os.PathLike, mode: str, url: str | None = None) -> str:
+    """The one console line of a quiet W&B run: where its files are, and how to upload them."""
+    run_folder = Path(files_dir).parent  # wandb's files/ lives inside the run's folder
+    if mode == "offline":
+        return f"W&B (offline): {run_folder}; upload later with `wandb sync {run_folder}`"
+    return f"W&B ({mode}): {url or '-'}; files in {run_folder}"
+
+
 class Tracker:
     """Logs metrics on rank 0 to metrics.jsonl and (optionally) W&B; a no-op elsewhere."""
 
@@ -105,6 +117,7 @@ class Tracker:
             return
         check_wandb(cfg)
         mode = cfg.tracking.mode
+        verbose = bool(getattr(cfg.tracking, "verbose", False))
         self.run_id = run_id or secrets.token_hex(4)
         self.run = wandb.init(
             project=cfg.tracking.project,
@@ -117,8 +130,15 @@ class Tracker:
             mode=mode,
             dir=str(self.run_dir),
             config=config,
-            settings=wandb.Settings(console="off", x_disable_stats=True),
+            settings=wandb.Settings(
+                console="off",
+                x_disable_stats=True,
+                silent=not verbose,  # W&B's own messages then go to its debug log only
+            ),
         )
+        if not verbose:
+            url = self.run.url if mode == "online" else None  # offline: W&B warns on .url
+            print(wandb_line(self.run.dir, mode, url), flush=True)
 
     @property
     def wandb_dir(self) -> str | None:

@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from pimc_dist import shardset
+from pimc_dist.eval.tasks import TASKS
 from pimc_dist.tracking import read_metrics
 
 
@@ -58,9 +59,7 @@ def read_samples(shard_dir: str | Path, n: int) -> tuple[list[dict[str, Any]], l
                 elif name.endswith(".png"):
                     sample[name[:-4]] = shardset.decode_png(data)
                 elif name == "json":
-                    import json
-
-                    sample["meta"] = json.loads(data)
+                    sample["meta"] = shardset.decode_meta(data, manifest)
             out.append(sample)
         if len(out) >= n:
             break
@@ -165,8 +164,6 @@ def sweep_groups(
     else the task's primary test metric (the row's `primary` column, written by
     the sweep; else the task's own).
     """
-    from pimc_dist.eval.tasks import TASKS
-
     out: dict[str, tuple[str, dict[str, list[float]]]] = {}
     for r in rows:
         task = r.get("task", "")

@@ -3,8 +3,15 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
 
 import pytest
+
+# The checkout: configs/, slurm/ and the package; subprocesses run from here by default.
+REPO = Path(__file__).resolve().parents[1]
 
 # DeepSpeed picks its accelerator at import time; tests run on CPU with gloo.
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
@@ -22,3 +29,18 @@ def _restore_environment():
     if os.environ != saved:
         os.environ.clear()
         os.environ.update(saved)
+
+
+def run_module(
+    module: str, *args: Any, cwd: str | os.PathLike = REPO, timeout: float = 300, **kwargs: Any
+) -> subprocess.CompletedProcess:
+    """`python -m <module> <args>` in a subprocess (by default in the checkout), its output
+    captured as text; further keywords go to subprocess.run (env=..., check=...)."""
+    return subprocess.run(
+        [sys.executable, "-m", module, *(str(a) for a in args)],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        **kwargs,
+    )

@@ -12,10 +12,11 @@ import json
 import re
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from conftest import REPO
+
 TINY = REPO / "configs" / "pretrain" / "tiny.yaml"
 
-# What every rank prints first (pimc_dist.launch.EntryJob):
+# What every rank prints first (pimc_dist.jobs.EntryJob):
 # "[launch] pretrain rank 1/2 (local 0, node 1 n2) from submitit-slurm; ..."
 RANK_LINE = re.compile(r"\[launch\] \w+ rank (\d+)/(\d+) \(local \d+, node (\d+) (\S+)\)")
 

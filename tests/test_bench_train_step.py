@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from pimc_dist import engine
+from pimc_dist.config import merge_nested
 
 BENCH = Path(__file__).resolve().parents[1] / "bench" / "train_step.py"
 
@@ -40,7 +41,7 @@ def test_stock_path_puts_every_tuned_key_back_to_the_deepspeed_default(bench, tm
         assert value == getattr(defaults, key), key
     # Merged the way Engine merges a config file, the stock config keeps the job's own keys.
     merged = json.loads(json.dumps(ours))
-    engine._deep_update(merged, stock)
+    merge_nested(merged, stock)
     assert merged["zero_optimization"]["stage"] == stage
     assert merged["train_batch_size"] == ours["train_batch_size"]
 
@@ -75,3 +76,26 @@ def test_one_cpu_run_reports_ratios_and_identical_weights(bench, tmp_path):
         assert rows[name]["max_weight_diff_to_ddp"] < 1e-4
     assert set(result["deepspeed_configs"]["mlp8m/zero1"]) == {"ds stock", "ds ours"}
     assert result["machine"]["cpu_count"] == os.cpu_count()
+
+
+@pytest.mark.parametrize("smoke", [False, True], ids=["gpu", "smoke"])
+def test_device_workloads_build_the_models_they_name(bench, tmp_path, smoke):
+    from pimc_dist import pretrain
+    from pimc_dist.models import VisionTransformer, count_flops
+
+    for name in bench.WORKLOADS:
+        cfg = bench.workload_config(name, 2, str(tmp_path), None, smoke=smoke)
+        assert cfg.deepspeed.zero_stage == 2 and cfg.deepspeed.bf16 is (not smoke)
+        with torch.device("meta"):
+            model = pretrain.build_model(cfg)
+        assert count_flops(model) > 0
+        rp, rsi = model.encoder("rp"), model.encoder("rsi")
+        if name in ("pimc_rp", "pimc_rsi", "vit_l16_224"):
+            assert rp is rsi  # one tower, two augmentations through it
+        if smoke:
+            continue
+        if name == "pimc":  # configs/pretrain/pimc.yaml's towers at their real input sizes
+            assert isinstance(rp, VisionTransformer) and (rp.img_size, rp.patch_size) == (48, 8)
+            assert rp.embed_dim == 768 and rsi.img_size == 32 and rsi.in_chans == 10
+        if name == "vit_l16_224":
+            assert (rp.img_size, rp.patch_size, rp.embed_dim, rp.depth) == (224, 16, 1024, 24)

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import json
+import os
 from pathlib import Path
 
 import pytest
+from conftest import REPO
 
 from pimc_dist import config
-
-REPO = Path(__file__).resolve().parents[1]
+from pimc_dist.files import write_json_atomic
 
 
 def write(path: Path, text: str) -> Path:
@@ -137,3 +139,78 @@ def test_run_folder_check_names_the_differing_key_and_a_garbled_saved_config(tmp
     (tmp_path / "config.yaml").write_text("train: [unclosed")
     with pytest.raises(config.ConfigError, match="config.yaml: not valid YAML"):
         config.check_run_folder(cfg, tmp_path, ("loss.name",))
+
+
+def test_quoted_override_values_stay_text(tmp_path):
+    quoted = [f"launch.time={config.quote('01:00:00')}", "name=" + config.quote("it's")]
+    cfg = config.load(None, quoted)
+    assert cfg.launch.time == "01:00:00" and cfg.name == "it's"
+
+
+def test_nested_merge_keeps_the_keys_it_does_not_touch():
+    base = {"a": {"b": 1, "c": 2}, "d": 3}
+    assert config.merge_nested(base, {"a": {"b": 5}, "e": {"f": 1}}) is base
+    assert base == {"a": {"b": 5, "c": 2}, "d": 3, "e": {"f": 1}}
+    cfg = config.load(None, ["train.batch_size=64"])
+    changed = config.with_updates(cfg, {"train": {"batch_size": 8}})
+    assert changed.train.batch_size == 8 and changed.train.lr == cfg.train.lr
+    assert cfg.train.batch_size == 64  # the original is untouched
+
+
+def test_job_parser_takes_a_config_and_overrides_in_any_order():
+    parser = config.job_parser("python -m x", "what x does", "example: x", "job YAML")
+    args = parser.parse_intermixed_args(["a.b=1", "--config", "c.yaml", "d.e=2"])
+    assert args.config == "c.yaml" and args.overrides == ["a.b=1", "d.e=2"]
+    bare = config.job_parser("python -m y", "no config", "example: y")
+    with pytest.raises(SystemExit):
+        bare.parse_args(["--config", "c.yaml"])
+
+
+def test_a_run_config_that_changed_is_kept_beside_the_new_one(tmp_path):
+    first = config.load(None, [f"train.run_dir={tmp_path}", "train.lr=0.1"])
+    config.save_run_config(first, tmp_path)
+    config.save_run_config(first, tmp_path)  # the same config: nothing to keep
+    assert not list(tmp_path.glob("config.*.yaml"))
+    second = config.load(None, [f"train.run_dir={tmp_path}", "train.lr=0.2"])
+    assert config.save_run_config(second, tmp_path) == tmp_path / config.CONFIG_FILE
+    kept = list(tmp_path.glob("config.*.yaml"))
+    assert len(kept) == 1 and config.load(kept[0]).train.lr == 0.1
+
+
+@pytest.mark.parametrize(
+    ("marker", "kind", "message"),
+    [
+        ("checkpoints", "fine-tuning", "holds a pretraining run"),
+        ("result.json", "sweep", "holds a fine-tuning run"),
+        ("cells", "pretraining", "holds a sweep run"),
+    ],
+)
+def test_a_folder_holding_another_kind_of_run_is_refused(tmp_path, marker, kind, message):
+    (tmp_path / marker).mkdir()
+    cfg = config.load(None, [f"train.run_dir={tmp_path}"])
+    with pytest.raises(config.ConfigError, match=message):
+        config.check_run_folder(cfg, tmp_path, ("name",), kind=kind)
+    config.check_run_folder(cfg, tmp_path, ("name",))  # no kind: only the saved config counts
+
+
+def test_a_sweep_refuses_a_folder_whose_config_is_not_a_sweeps(tmp_path):
+    cfg = config.load(None, [f"train.run_dir={tmp_path}", "name=s"])
+    config.save_run_config(cfg, tmp_path)
+    with pytest.raises(config.ConfigError, match="not a sweep"):
+        config.check_run_folder(cfg, tmp_path, ("name",), kind="sweep")
+    config.check_run_folder(cfg, tmp_path, ("name",), kind="fine-tuning")
+
+
+def test_json_is_written_whole_or_not_at_all(tmp_path, monkeypatch):
+    np = pytest.importorskip("numpy")
+    path = write_json_atomic(tmp_path / "sub" / "r.json", {"x": np.float32(0.5), "a": np.arange(2)})
+    assert json.loads(path.read_text()) == {"x": 0.5, "a": [0, 1]}
+
+    def broken(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "replace", broken)
+    with pytest.raises(OSError, match="disk full"):
+        write_json_atomic(path, {"x": 1})
+    assert json.loads(path.read_text())["x"] == 0.5
+    assert [p.name for p in path.parent.iterdir()] == ["r.json"]  # no temporary file left

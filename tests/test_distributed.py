@@ -11,6 +11,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from conftest import REPO
 
 from pimc_dist import distributed
 from pimc_dist.distributed import (
@@ -21,8 +22,6 @@ from pimc_dist.distributed import (
     free_port,
     port_from_job_id,
 )
-
-REPO = Path(__file__).resolve().parents[1]
 
 LAUNCHER_PREFIXES = ("SLURM_", "SUBMITIT_")
 LAUNCHER_NAMES = (

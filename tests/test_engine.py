@@ -303,3 +303,22 @@ def test_latest_pointing_at_a_missing_checkpoint_is_an_error(tmp_path):
     (ckpt / engine.LATEST).write_text("step00000007")
     with pytest.raises(engine.CheckpointError, match="step00000007"):
         engine.latest_tag(ckpt)
+
+
+def test_cast_batch_casts_floating_inputs_only():
+    batch = {
+        "rp": torch.rand(2, 3, 4, 4),
+        "rsi": torch.rand(2, 10, 4, 4, dtype=torch.float64),
+        "labels": torch.tensor([[0.0, 1.0], [0.5, 0.5]]),  # a target: stays exact
+        "index": torch.arange(2),
+        "mask": torch.ones(2, dtype=torch.bool),
+        "meta": [{"patch": 1}, {"patch": 2}],
+    }
+    out = engine.cast_batch(batch, torch.bfloat16, "cpu")
+    assert out["rp"].dtype == out["rsi"].dtype == torch.bfloat16
+    torch.testing.assert_close(out["rp"], batch["rp"].bfloat16())
+    assert out["labels"] is batch["labels"] or torch.equal(out["labels"], batch["labels"])
+    assert out["labels"].dtype == torch.float32
+    assert out["index"].dtype == torch.int64 and out["mask"].dtype == torch.bool
+    assert out["meta"] is batch["meta"]
+    assert engine.cast_batch(batch, torch.float32)["rsi"].dtype == torch.float32

@@ -10,25 +10,23 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from conftest import REPO, run_module
 from fixtures_scenes import write_eurosat, write_sen12ms
 from omegaconf import OmegaConf
 
 from pimc_dist import config as config_lib
 from pimc_dist import shard, shardset, tracking
-from pimc_dist.eval import finetune, probe, tasks
+from pimc_dist.eval import downstream, finetune, probe, tasks
 from pimc_dist.models import export_encoder_state, read_weights_file, save_encoder_weights
 from pimc_dist.shardset import ShardError
 from pimc_dist.sources.fixtures import write_pastis
 from pimc_dist.sources.reben import configilm_mock_root
 
-REPO = Path(__file__).resolve().parents[1]
 FT = REPO / "configs" / "finetune"
 PIMC_VIEWS = """
 method: pimc
@@ -130,14 +128,16 @@ def test_split_comes_from_fold_rotation_then_split_then_patch_hash():
 
 
 def test_label_subset_is_seeded_sorted_and_keeps_at_least_one():
-    a = tasks.label_subset(1000, 0.1, seed=4)
-    assert len(a) == 100 and np.all(np.diff(a) > 0)
-    np.testing.assert_array_equal(a, tasks.label_subset(1000, 0.1, seed=4))
-    assert not np.array_equal(a, tasks.label_subset(1000, 0.1, seed=5))
-    assert len(tasks.label_subset(24, 0.01, seed=0)) == 1
-    np.testing.assert_array_equal(tasks.label_subset(7, 1.0, seed=0), np.arange(7))
+    # Decided per sample key (pimc_dist.label_subset, shared with pretraining's SupCon term).
+    keys = [f"p{i}" for i in range(1000)]
+    a = tasks.label_subset(keys, 0.1, seed=4)
+    assert 70 <= len(a) <= 130 and np.all(np.diff(a) > 0)
+    np.testing.assert_array_equal(a, tasks.label_subset(keys, 0.1, seed=4))
+    assert not np.array_equal(a, tasks.label_subset(keys, 0.1, seed=5))
+    assert len(tasks.label_subset(keys[:24], 0.001, seed=0)) == 1
+    np.testing.assert_array_equal(tasks.label_subset(keys[:7], 1.0, seed=0), np.arange(7))
     with pytest.raises(tasks.TaskError, match="label_fraction"):
-        tasks.label_subset(10, 0.0, seed=0)
+        tasks.label_subset(keys[:10], 0.0, seed=0)
 
 
 def test_forecast_split_has_plots_of_the_input_window_and_residual_targets(pastis, tmp_path):
@@ -225,8 +225,8 @@ def test_evaluation_refuses_a_damaged_shard_instead_of_scoring_a_smaller_split(
 
 def test_pretrained_weights_are_loaded_and_random_init_differs(pimc_run, pastis, tmp_path):
     cfg = ft_config("pastis_pixel_cls", tmp_path / "r", pastis, f"finetune.ckpt={pimc_run}")
-    source = finetune.resolve_encoder_source(cfg)
-    encoder, owner = finetune.build_view_encoder(source, "rp", 3, 42, 42)
+    source = downstream.resolve_encoder_source(cfg)
+    encoder, owner = downstream.build_view_encoder(source, "rp", 3, 42, 42)
     stored, _ = read_weights_file(pimc_run / "encoders.safetensors")
     assert owner == "rp"
     for key, value in encoder.state_dict().items():
@@ -238,9 +238,9 @@ def test_pretrained_weights_are_loaded_and_random_init_differs(pimc_run, pastis,
         f"finetune.ckpt={pimc_run}",
         "finetune.init=random",
     )
-    random_source = finetune.resolve_encoder_source(random_cfg)
+    random_source = downstream.resolve_encoder_source(random_cfg)
     assert random_source.weights is None and random_source.views == source.views
-    random_encoder, _ = finetune.build_view_encoder(random_source, "rp", 3, 42, 42)
+    random_encoder, _ = downstream.build_view_encoder(random_source, "rp", 3, 42, 42)
     weight = "stem.0.weight" if "stem.0.weight" in stored else next(iter(encoder.state_dict()))
     assert not torch.equal(random_encoder.state_dict()[weight], encoder.state_dict()[weight])
 
@@ -288,7 +288,8 @@ def test_label_fraction_trains_on_a_subset(pastis, pimc_run, tmp_path):
     )
     assert finetune.main(cfg) == 0
     samples = read_result(run)["samples"]
-    assert samples["train_labelled"] == round(0.1 * samples["train"])
+    # A hash of each sample key decides (pimc_dist.label_subset): 0.1 in expectation.
+    assert 0 < samples["train_labelled"] <= 0.2 * samples["train"]
 
 
 def test_one_percent_of_the_labels_leaves_one_training_pixel_and_still_scores(
@@ -358,7 +359,7 @@ def test_sen12ms_multilabel_with_both_modalities(tmp_path):
         "sen12ms_multilabel", tmp_path / "r2", shards, f"finetune.ckpt={run_folder}",
         "finetune.hash_split=[1,0,0]",
     )  # fmt: skip
-    with pytest.raises(finetune.FinetuneError, match="no sample in the val split"):
+    with pytest.raises(downstream.FinetuneError, match="no sample in the val split"):
         finetune.main(none)
 
 
@@ -428,14 +429,11 @@ def test_finetune_protocol_trains_through_deepspeed_from_the_command_line(
 ):
     run = tmp_path / "run"
     env = dict(os.environ, DS_ACCELERATOR="cpu", WANDB_MODE="offline", OMP_NUM_THREADS="1")
-    proc = subprocess.run(
-        [
-            sys.executable, "-m", "pimc_dist.finetune", "--config", str(FT / "pastis_forecast.yaml"),
-            f"ckpt={pimc_run}", f"loader.shards={pastis}", f"train.run_dir={run}",
-            "finetune.protocol=finetune", "finetune.epochs=2", "train.batch_size=32",
-            "loader.workers=0", "tracking.wandb=false", "finetune.inputs=[rp,rsi]",
-        ],
-        env=env, cwd=REPO, capture_output=True, text=True, timeout=300,
+    proc = run_module(
+        "pimc_dist.finetune", "--config", FT / "pastis_forecast.yaml",
+        f"ckpt={pimc_run}", f"loader.shards={pastis}", f"train.run_dir={run}",
+        "finetune.protocol=finetune", "finetune.epochs=2", "train.batch_size=32",
+        "loader.workers=0", "tracking.wandb=false", "finetune.inputs=[rp,rsi]", env=env,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     result = read_result(run)
@@ -497,7 +495,7 @@ def test_cnn1d_baseline_trains_on_the_raw_series_and_sends_its_pictures(
 
 
 def test_feature_norm_trains_on_a_batch_of_one_with_running_statistics():
-    norm = finetune.FeatureNorm(4).train()
+    norm = downstream.FeatureNorm(4).train()
     norm(torch.randn(8, 4))  # updates the running statistics
     one = torch.randn(1, 4)
     expected = (one - norm.running_mean) / torch.sqrt(norm.running_var + norm.eps)
@@ -522,7 +520,7 @@ def test_run_folder_without_encoders_and_missing_ckpt_are_clear_errors(pastis, t
     empty = tmp_path / "empty"
     empty.mkdir()
     cfg = ft_config("pastis_pixel_cls", tmp_path / "r", pastis, f"finetune.ckpt={empty}")
-    with pytest.raises(finetune.FinetuneError, match="holds no encoders.safetensors"):
+    with pytest.raises(downstream.FinetuneError, match="holds no encoders.safetensors"):
         finetune.main(cfg)
     none = ft_config("pastis_pixel_cls", tmp_path / "r", pastis)
     with pytest.raises(config_lib.ConfigError, match="finetune.ckpt.*required"):
@@ -617,12 +615,7 @@ def test_corrupt_feature_cache_is_recomputed_with_a_warning(pastis, pimc_run, tm
 
 
 def test_help_shows_an_example():
-    proc = subprocess.run(
-        [sys.executable, "-m", "pimc_dist.finetune", "--help"],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-    )
+    proc = run_module("pimc_dist.finetune", "--help")
     assert proc.returncode == 0
     assert "ckpt=runs/tiny" in proc.stdout and "--config" in proc.stdout
 
@@ -691,7 +684,10 @@ def test_pimc_pretraining_beats_random_init_and_forecasting_beats_persistence(tm
 @pytest.mark.timeout(900)
 @pytest.mark.skipif(configilm_mock_root() is None, reason="pip install --no-deps configilm==0.7.1")
 def test_mosaic_pretraining_on_real_reben_then_multilabel_evaluation(tmp_path):
-    """configilm's 24 real reBEN patches (18 without snow/cloud): shard, pretrain, evaluate."""
+    """configilm's 24 real reBEN patches (18 without snow/cloud): shard, pretrain, evaluate.
+    Pretraining must lower each MoSAiC term (intra S2, intra S1, inter, SupCon): the mean of
+    the last 10 of 60 steps is below 0.85 x the first 10's. Measured (seeds 0-2): ratios
+    0.55-0.79; with train.lr=0 0.96-1.16, with w_intra ~ 0 the intra terms 0.90-0.91."""
     shards = make_shards(
         tmp_path, "reben.yaml", configilm_mock_root(), "data.max_samples_per_shard=8"
     )
@@ -703,15 +699,21 @@ def test_mosaic_pretraining_on_real_reben_then_multilabel_evaluation(tmp_path):
         "tracking.wandb=false", "deepspeed.bf16=false", "deepspeed.zero_stage=1",
         "model.views.s2.width=8", "model.views.s1.width=8", "model.views.s2.encoder=resnet18",
         "model.views.s1.encoder=resnet18", "model.head.hidden_dim=32", "model.head.out_dim=16",
-        "train.batch_size=6", "train.total_samples=36", "train.ckpt_every_steps=100",
+        "train.batch_size=6", "train.total_samples=360", "train.ckpt_every_steps=100",
         "train.log_every_steps=1",
     ]  # fmt: skip
-    proc = subprocess.run(
-        [sys.executable, "-m", "pimc_dist.pretrain", "--config", str(REPO / "configs/pretrain/mosaic.yaml"), *tiny],
-        env=env, cwd=REPO, capture_output=True, text=True, timeout=900,
+    proc = run_module(
+        "pimc_dist.pretrain", "--config", REPO / "configs/pretrain/mosaic.yaml", *tiny,
+        env=env, timeout=900,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert (run / "encoders.safetensors").is_file()
+    rows = tracking.read_metrics(run / "metrics.jsonl")
+    assert [r["step"] for r in rows] == list(range(1, 61))
+    for term in ("loss/intra_s2", "loss/intra_s1", "loss/inter", "loss/sup"):
+        values = [r[term] for r in rows]
+        first, last = np.mean(values[:10]), np.mean(values[-10:])
+        assert last < 0.85 * first, (term, first, last)
     for init in ("pretrained", "random"):
         out = tmp_path / f"eval_{init}"
         cfg = ft_config(

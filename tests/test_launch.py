@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
+import loop_entry
 import pytest
+from conftest import REPO, run_module
 from launch_helpers import (
     TINY,
     build_tiny_shards,
@@ -20,10 +22,9 @@ from launch_helpers import (
     rank_hosts,
 )
 
-from pimc_dist import config, launch
-from pimc_dist.launch import EntryJob, LaunchError, parse_time_minutes
+from pimc_dist import config, diagnose, jobs, launch
+from pimc_dist.jobs import EntryJob, LaunchError, parse_time_minutes
 
-REPO = Path(__file__).resolve().parents[1]
 TESTS = Path(__file__).resolve().parent
 
 
@@ -32,14 +33,7 @@ def run_cli(
 ) -> subprocess.CompletedProcess:
     env = dict(os.environ, **(extra_env or {}))
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), str(TESTS), env.get("PYTHONPATH", "")])
-    return subprocess.run(
-        [sys.executable, "-m", "pimc_dist.launch", *args],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+    return run_module("pimc_dist.launch", *args, cwd=cwd, env=env, timeout=timeout)
 
 
 # ---------------------------------------------------------------------------
@@ -150,7 +144,7 @@ def test_bad_yaml_file_is_rejected_naming_file_and_key(tmp_path, capsys):
     assert str(truncated) in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("flag", launch.SLURM_ONLY_KEYS)
+@pytest.mark.parametrize("flag", jobs.SLURM_ONLY_KEYS)
 def test_slurm_option_with_local_cluster_is_an_error(tmp_path, capsys, flag):
     code = launch.main(
         ["diagnose", "--cluster", "local", f"--{flag}", "x", f"train.run_dir={tmp_path}/run"]
@@ -223,7 +217,7 @@ def test_wandb_online_without_a_key_is_refused_before_submission(tmp_path, monke
 def test_cluster_auto_without_slurm_dry_run_says_it_would_run_locally(
     tmp_path, monkeypatch, capsys
 ):
-    monkeypatch.setattr(launch, "slurm_available", lambda: False)
+    monkeypatch.setattr(jobs, "slurm_available", lambda: False)
     args = ["diagnose", "--dry-run", "--tasks-per-node", "1", f"train.run_dir={tmp_path / 'run'}"]
     assert launch.main(args) == 0
     out = capsys.readouterr().out
@@ -232,17 +226,11 @@ def test_cluster_auto_without_slurm_dry_run_says_it_would_run_locally(
     assert "--cluster slurm --dry-run prints the sbatch script" in out
     assert "# local run: submitit LocalExecutor, 1 task(s) on this machine" in out
     assert "#SBATCH" not in out
-    monkeypatch.setattr(launch, "slurm_available", lambda: True)
+    monkeypatch.setattr(jobs, "slurm_available", lambda: True)
     assert launch.main(args) == 0
     out = capsys.readouterr().out
     assert "cluster slurm" in out and "#SBATCH --ntasks-per-node=1" in out
     assert not (tmp_path / "run").exists()
-
-
-def test_job_kind_without_its_module_is_not_available_yet(monkeypatch, capsys):
-    monkeypatch.setitem(launch.KINDS, "ghost", "pimc_dist.no_such_module")
-    assert launch.main(["ghost", "--cluster", "local", "--dry-run"]) == 2
-    assert "job kind 'ghost' is not available yet" in capsys.readouterr().err
 
 
 def test_module_check_config_runs_before_submission(tmp_path, monkeypatch, capsys):
@@ -255,7 +243,7 @@ def test_module_check_config_runs_before_submission(tmp_path, monkeypatch, capsy
         "def main(cfg):\n    return 0\n"
     )
     monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.setitem(launch.KINDS, "checked", "checked_entry")
+    monkeypatch.setitem(launch.KINDS, "checked", importlib.import_module("checked_entry"))
     code = launch.main(["checked", "--cluster", "local", f"train.run_dir={tmp_path}/run"])
     assert code == 2 and "train.batch_size" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
@@ -289,32 +277,32 @@ def test_run_folder_becomes_absolute_and_flags_override_file(tmp_path):
     args = launch.build_parser().parse_intermixed_args(
         ["--config", str(yaml), "--nodes", "2", "--time", "01:00:00", "launch.nodes=3"]
     )
-    cfg = launch.load_job_config(args.config, launch.flag_overrides(args), cwd=tmp_path)
+    cfg = jobs.load_job_config(args.config, launch.flag_overrides(args), cwd=tmp_path)
     assert cfg.launch.nodes == 2  # the flag wins over the file and over key=value
     assert cfg.launch.time == "01:00:00"
     assert cfg.train.run_dir == str(tmp_path / "runs" / "exp")
 
 
 def test_save_config_keeps_an_earlier_different_config(tmp_path):
-    first = launch.load_job_config(None, [f"train.run_dir={tmp_path}", "train.lr=0.1"])
-    second = launch.load_job_config(None, [f"train.run_dir={tmp_path}", "train.lr=0.2"])
-    launch.save_config(first, tmp_path)
-    launch.save_config(first, tmp_path)  # same config: nothing to keep
+    first = jobs.load_job_config(None, [f"train.run_dir={tmp_path}", "train.lr=0.1"])
+    second = jobs.load_job_config(None, [f"train.run_dir={tmp_path}", "train.lr=0.2"])
+    config.save_run_config(first, tmp_path)
+    config.save_run_config(first, tmp_path)  # same config: nothing to keep
     assert [p.name for p in tmp_path.glob("config*.yaml")] == ["config.yaml"]
-    path = launch.save_config(second, tmp_path)
+    path = config.save_run_config(second, tmp_path)
     assert config.load(path).train.lr == 0.2
     kept = [p for p in tmp_path.glob("config.*.yaml")]
     assert len(kept) == 1 and config.load(kept[0]).train.lr == 0.1
 
 
 def test_checkpoint_resubmits_itself_until_the_requeue_cap():
-    cfg = launch.load_job_config(None, ["launch.max_requeues=2", "train.run_dir=/tmp/x"])
-    job = EntryJob("diagnose", config.to_yaml(cfg))
+    cfg = jobs.load_job_config(None, ["launch.max_requeues=2", "train.run_dir=/tmp/x"])
+    job = EntryJob("diagnose", config.to_yaml(cfg), diagnose.main)
     again = job.checkpoint()
     assert isinstance(again.function, EntryJob) and again.function.requeues == 1
     assert again.function.cfg_yaml == job.cfg_yaml
     assert again.function.checkpoint().function.requeues == 2
-    assert EntryJob("diagnose", job.cfg_yaml, requeues=2).checkpoint() is None
+    assert EntryJob("diagnose", job.cfg_yaml, diagnose.main, requeues=2).checkpoint() is None
 
 
 def test_help_shows_flags_and_an_example():
@@ -336,23 +324,23 @@ def test_pretrain_help_shows_an_example(capsys):
 
 
 def test_wandb_line_names_the_run_where_it_is_known(tmp_path):
-    cfg = launch.load_job_config(None, [f"train.run_dir={tmp_path}"])
-    before = launch.describe_wandb(cfg, tmp_path)
+    cfg = jobs.load_job_config(None, [f"train.run_dir={tmp_path}"])
+    before = jobs.describe_wandb(cfg, tmp_path)
     assert before.startswith(str(tmp_path / "wandb")) and "chosen when the job starts" in before
     older = tmp_path / "wandb" / "offline-run-20250101_120000-abc123"
     newer = tmp_path / "wandb" / "offline-run-20250102_090000-def456"
     for folder in (newer, older):
         folder.mkdir(parents=True)
-    assert launch.describe_wandb(cfg, tmp_path) == (
+    assert jobs.describe_wandb(cfg, tmp_path) == (
         f"offline run def456 (the latest there): {newer} (upload: wandb sync {newer})"
     )
     (tmp_path / "wandb" / "run-20250103_080000-0a1b2c3d").mkdir()
-    online = launch.load_job_config(
+    online = jobs.load_job_config(
         None, [f"train.run_dir={tmp_path}", "tracking.mode=online", "tracking.entity=lab"]
     )
-    assert launch.describe_wandb(online, tmp_path).startswith("run lab/pimc_dist/0a1b2c3d ")
-    off = launch.load_job_config(None, [f"train.run_dir={tmp_path}", "tracking.wandb=false"])
-    assert launch.describe_wandb(off, tmp_path).startswith("off ")
+    assert jobs.describe_wandb(online, tmp_path).startswith("run lab/pimc_dist/0a1b2c3d ")
+    off = jobs.load_job_config(None, [f"train.run_dir={tmp_path}", "tracking.wandb=false"])
+    assert jobs.describe_wandb(off, tmp_path).startswith("off ")
 
 
 # ---------------------------------------------------------------------------
@@ -392,7 +380,7 @@ def test_local_diagnose_with_two_ranks_reports_both(tmp_path):
 def _submit_loop(
     run_dir: Path, cluster: str, nodes: int, tasks: int, steps: int, max_requeues: int
 ):
-    cfg = launch.load_job_config(
+    cfg = jobs.load_job_config(
         None,
         [
             f"train.run_dir={run_dir}",
@@ -404,8 +392,8 @@ def _submit_loop(
             f"launch.max_requeues={max_requeues}",
         ],
     )
-    job = EntryJob("loop", config.to_yaml(cfg), module="loop_entry")
-    return launch.submit(cfg, "loop", cluster, job=job)
+    job = EntryJob("loop", config.to_yaml(cfg), loop_entry.main)
+    return jobs.submit(cfg, job, cluster)
 
 
 def _wait_for_steps(run_dir: Path, count: int, timeout_s: float = 120) -> None:
@@ -435,7 +423,7 @@ def test_local_job_stopped_by_signal_saves_requeues_and_resumes(
     _wait_for_steps(run_dir, 3)
     # What submitit's local controller sends before the time limit (Slurm: --signal).
     _signal_ranks(run_dir, signal.SIGUSR2)
-    status = launch.wait_for(sub, poll_s=0.2)
+    status = jobs.wait_for(sub, poll_s=0.2)
     out = capfd.readouterr().out
     assert status == 0, out
     assert "requeueing (0/2 requeues so far)" in out
@@ -454,7 +442,7 @@ def test_local_job_past_the_requeue_cap_fails_and_keeps_its_checkpoint(
     sub = _submit_loop(run_dir, "local", nodes=1, tasks=2, steps=200, max_requeues=0)
     _wait_for_steps(run_dir, 2)
     _signal_ranks(run_dir, signal.SIGUSR1)
-    status = launch.wait_for(sub, poll_s=0.2)
+    status = jobs.wait_for(sub, poll_s=0.2)
     captured = capfd.readouterr()
     assert status != 0
     assert "not requeueing: 0 requeues done (launch.max_requeues=0)" in captured.out
@@ -483,7 +471,7 @@ def test_dry_run_of_pretrain_shows_sbatch_script_and_resolved_config(tmp_path, t
     assert head.startswith("# resolved config (pretrain job, cluster slurm); nothing submitted\n")
     # The printed config is the whole resolved job: it loads back to what the job would run.
     printed = config.from_yaml_text(head.split("\n", 1)[1], "dry-run output")
-    assert printed == launch.load_job_config(
+    assert printed == jobs.load_job_config(
         str(TINY), [*overrides, "launch.nodes=2", "launch.cluster='slurm'"]
     )
     assert printed.loader.shards == str(tiny_shards) and printed.train.lr == 5e-4
@@ -531,8 +519,8 @@ def test_resubmitting_a_different_run_into_a_run_folder_is_refused(tmp_path, tin
     run_dir = tmp_path / "run"
     common = ["--cluster", "local", "--config", str(TINY), f"train.run_dir={run_dir}"]
     common += [f"loader.shards={tiny_shards}"]
-    earlier = launch.load_job_config(str(TINY), common[4:])
-    saved = launch.save_config(earlier, run_dir)  # what the first submission left there
+    earlier = jobs.load_job_config(str(TINY), common[4:])
+    saved = config.save_run_config(earlier, run_dir)  # what the first submission left there
     before = saved.read_text()
     assert launch.main([*common, "loss.name=siglip"]) == 2
     err = capsys.readouterr().err
@@ -543,7 +531,7 @@ def test_resubmitting_a_different_run_into_a_run_folder_is_refused(tmp_path, tin
 
 
 def test_cluster_auto_without_slurm_runs_the_job_locally(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(launch, "slurm_available", lambda: False)
+    monkeypatch.setattr(jobs, "slurm_available", lambda: False)
     run_dir = tmp_path / "run"
     code = launch.main(["diagnose", "--wait", "--tasks-per-node", "1", f"train.run_dir={run_dir}"])
     out = capsys.readouterr().out

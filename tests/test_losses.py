@@ -264,6 +264,67 @@ def test_bfloat16_inputs_are_computed_in_float32():
     assert a.grad.dtype == torch.bfloat16 and torch.isfinite(a.grad.float()).all()
 
 
+def test_bfloat16_logits_would_be_caught_by_the_float32_comparison():
+    """The float32 path is what makes the test above pass: InfoNCE on logits rounded to
+    bfloat16 (what a loss without the cast computes) misses the float32 value by far more
+    than assert_close allows, at a CLIP-like scale on a batch of 64."""
+    a = _random(64, seed=5).bfloat16()
+    b = _random(64, seed=6).bfloat16()
+    scale = 1 / 0.07
+    reference = ClipLoss()(a, b, math.log(scale))
+    na, nb = F.normalize(a, dim=-1), F.normalize(b, dim=-1)  # bfloat16 throughout
+    logits = (scale * na @ nb.T).float()
+    targets = torch.arange(64)
+    in_bf16 = (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets)) / 2
+    assert reference.dtype == torch.float32
+    assert abs(in_bf16.item() - reference.item()) > 1e-3
+
+
+@pytest.fixture
+def fresh_scale_warning(monkeypatch):
+    """The log-vs-multiplier warning is once per process: start each test without it."""
+    from pimc_dist import losses
+
+    monkeypatch.setattr(losses, "_warned_multiplier", False)
+
+
+def test_a_multiplier_passed_as_logit_scale_warns_once_naming_both_conventions(
+    fresh_scale_warning,
+):
+    import warnings
+
+    a, b = _random(6, seed=1), _random(6, seed=2)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ClipLoss()(a, b, LOG_SCALE)  # a log: silent
+        ClipLoss()(a, b, math.log(100.0))  # the clamp itself: still a possible log
+        assert not caught
+        value = ClipLoss()(a, b, torch.tensor([1 / 0.07]))  # open_clip's multiplier
+        ClipLoss()(a, b, 1 / 0.07)  # once per process
+        NTXentLoss()(a, b, 50.0)
+    assert len(caught) == 1, [str(w.message) for w in caught]
+    message = str(caught[0].message)
+    assert "multiplier" in message and "log" in message and "open_clip" in message
+    assert "14.29" in message and "4.605" in message  # the value, log(max_logit_scale)
+    # The log convention stays: the multiplier 14.29 is taken as a log and clamped at 100.
+    torch.testing.assert_close(value, ClipLoss()(a, b, math.log(100.0)))
+
+
+def test_the_scale_check_runs_on_the_first_call_of_a_loss_only(fresh_scale_warning):
+    """A learned scale that drifts past the clamp later in training does not warn (and the
+    check costs one device sync per loss module, not one per step)."""
+    import warnings
+
+    a, b = _random(6, seed=1), _random(6, seed=2)
+    loss = ClipLoss()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        loss(a, b, LOG_SCALE)
+        loss(a, b, math.log(100.0) + 0.01)
+    assert not caught
+
+
+@pytest.mark.filterwarnings("ignore:logit_scale=")
 @pytest.mark.parametrize("loss_name", ["clip", "ntxent", "supcon", "siglip"])
 def test_logit_scale_above_the_clamp_acts_as_the_clamp_and_stops_growing(loss_name):
     a, b, labels = _random(6, seed=8), _random(6, seed=9), _labels(6, seed=10)

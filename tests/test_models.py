@@ -253,10 +253,10 @@ def test_activation_checkpointing_gives_identical_gradients_and_saves_less():
         torch.testing.assert_close(ckpt.eval()(x), plain.eval()(x))
 
 
-def test_resnet_refuses_activation_checkpointing():
-    with pytest.raises(ValueError, match="checkpointing is offered for ViT encoders only"):
-        build_encoder("resnet50", in_chans=3, img_size=32, grad_checkpointing=True)
-    build_encoder("resnet18", in_chans=3, img_size=32, grad_checkpointing=False, **TINY_RESNET)
+def test_resnet_accepts_activation_checkpointing():
+    # Same gradients and BatchNorm statistics: tests/test_large_encoders.py.
+    model = build_encoder("resnet18", in_chans=3, img_size=32, grad_checkpointing=True, **TINY_RESNET)
+    assert model.grad_checkpointing
 
 
 # ---------------------------------------------------------------- registry
@@ -300,7 +300,10 @@ def test_projection_head_depths():
     assert [type(m) for m in linear.mlp] == [nn.Linear]
     deep = build_head(32, depth=3, hidden_dim=64, out_dim=16, norm="bn", act="relu")
     kinds = [type(m) for m in deep.mlp]
-    assert kinds == [nn.Linear, nn.BatchNorm1d, nn.ReLU] * 2 + [nn.Linear]
+    # pimc_dist's BatchNorm1d: torch's, also with bf16 weights and fp32 statistics (DeepSpeed bf16).
+    from pimc_dist.models import BatchNorm1d
+
+    assert kinds == [nn.Linear, BatchNorm1d, nn.ReLU] * 2 + [nn.Linear]
     assert deep.mlp[0].bias is None  # BatchNorm follows: the bias would be redundant
     ln = build_head(32, depth=2, hidden_dim=64, out_dim=16)
     assert [type(m) for m in ln.mlp] == [nn.Linear, nn.LayerNorm, nn.GELU, nn.Linear]
@@ -423,10 +426,10 @@ def test_shared_encoder_option_runs_every_view_through_the_first_encoder():
         build_model({"a": spec, "b": {**spec, "in_chans": 4}}, HEAD, shared_encoder=True)
 
 
-def test_global_grad_checkpointing_switch_reaches_vit_views_only():
+def test_global_grad_checkpointing_switch_reaches_every_encoder():
     model = build_model(PIMC_VIEWS, HEAD, grad_checkpointing=True)
     assert model.encoder("rp").grad_checkpointing is True
-    assert isinstance(model.encoder("rsi"), ResNet)
+    assert model.encoder("rsi").grad_checkpointing is True
 
 
 def test_none_valued_keys_count_as_absent():

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import REPO
 from launch_helpers import build_tiny_shards, resumed_at
 from safetensors.torch import load_file
 from test_tracking import wandb_history, wandb_runs
@@ -29,7 +30,6 @@ from pimc_dist.distributed import REQUEUE_EXIT_CODE, free_port
 from pimc_dist.engine import read_client_state
 from pimc_dist.tracking import read_metrics
 
-REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "configs/pretrain/tiny.yaml"
 
 
@@ -498,3 +498,43 @@ def test_check_config_builds_the_model_and_names_the_bad_key(tmp_path, override,
     with pytest.raises(ConfigError) as err:
         pretrain.check_config(cfg)
     assert str(err.value).startswith(message), err.value
+
+
+def _forward_error(model, loss_fn, batch) -> BaseException:
+    try:
+        pretrain.compute_loss(model, loss_fn, batch, "pimc")
+    except RuntimeError as exc:
+        return exc
+    raise AssertionError("the forward pass did not fail")
+
+
+def test_an_error_in_the_forward_pass_names_its_module_and_op_not_a_collective():
+    cfg = load(TINY)
+    model, loss_fn = pretrain.build_model(cfg), pretrain.build_loss(cfg)
+    # One convolution in another dtype than its input: what a missing batch cast does.
+    conv = model.encoders["rsi"].conv1
+    conv.weight.data = conv.weight.data.double()
+    batch = {"rp": torch.randn(2, 3, 42, 42), "rsi": torch.randn(2, 10, 16, 16)}
+    exc = _forward_error(model, loss_fn, batch)
+    message = pretrain._failure_message(
+        exc, 1, "forward and loss", 7, {"": model, "loss": loss_fn}
+    )
+    assert message.startswith("rank 1: forward and loss failed at step 7 in encoders.rsi.conv1 (Conv2d)")
+    assert "torch/nn/modules/conv.py" in message and "RuntimeError: " in message
+    assert "another rank" not in message.lower() and "all-gather" not in message
+
+
+@pytest.mark.parametrize(
+    "exc",
+    [
+        RuntimeError("[../third_party/gloo/gloo/transport/tcp/pair.cc:534] Connection closed by peer [127.0.0.1]:40212"),
+        RuntimeError("[../third_party/gloo/gloo/transport/tcp/unbound_buffer.cc:81] Timed out waiting 20000ms for recv operation to complete"),
+        torch.distributed.DistBackendError("NCCL error in: ProcessGroupNCCL.cpp:1970, remote process exited or there was a network error"),
+    ],
+)  # fmt: skip
+def test_a_lost_peer_or_timed_out_collective_says_another_rank_died(exc):
+    message = pretrain._failure_message(exc, 0, "forward and loss", 3, {})
+    assert message.startswith("rank 0: forward and loss failed at step 3: feature all-gather")
+    assert "Another rank probably died or hangs" in message
+    message = pretrain._failure_message(exc, 0, "backward", 3, {})
+    assert "gradient all-reduce timed out or lost a peer" in message

@@ -4,56 +4,50 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
+from conftest import REPO, run_module
 
-REPO = Path(__file__).resolve().parents[1]
+# The least margin (pretrained better than random init, primary metric) the quickstart must show;
+# docs/quality.md gives the measured ones.
+MARGIN = {"pastis_pixel_cls": 0.02, "pastis_forecast": 0.01}
 
 
 @pytest.mark.slow
 def test_quickstart_pretrains_evaluates_and_writes_results():
     env = dict(os.environ, DS_ACCELERATOR="cpu", WANDB_MODE="offline")
-    proc = subprocess.run(
-        [sys.executable, "-m", "pimc_dist.launch"],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=1500,
-    )
+    proc = run_module("pimc_dist.launch", env=env, timeout=1500)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     results = json.loads((REPO / "runs/quickstart/results.json").read_text())
     assert set(results["tasks"]) == {"pastis_pixel_cls", "pastis_forecast"}
     for task in results["tasks"].values():
         assert set(task["pretrained"]) == set(task["random"])
-    forecast = results["tasks"]["pastis_forecast"]
-    assert forecast["pretrained"]["rmse"] < forecast["baselines"]["persistence"]["rmse"]
-    pixel = results["tasks"]["pastis_pixel_cls"]  # the README's claim: pretraining helps
-    assert pixel["pretrained"]["miou"] > pixel["random"]["miou"]
+    # The claim (docs/quality.md): the pretrained encoder beats the random-init one on both
+    # tasks, by a margin on the primary metric. (Beating persistence is no claim: random init
+    # does too.)
+    pixel, forecast = results["tasks"]["pastis_pixel_cls"], results["tasks"]["pastis_forecast"]
+    assert (pixel["primary"], forecast["primary"]) == ("miou", "rmse")
+    assert pixel["margin"] == pytest.approx(pixel["pretrained"]["miou"] - pixel["random"]["miou"])
+    assert forecast["margin"] == pytest.approx(
+        forecast["random"]["rmse"] - forecast["pretrained"]["rmse"]
+    )
+    assert pixel["margin"] >= MARGIN["pastis_pixel_cls"], pixel
+    assert forecast["margin"] >= MARGIN["pastis_forecast"], forecast
     assert pixel["pretrained"]["oa"] > pixel["random"]["oa"]
+    assert "margin" in proc.stdout
     assert "results" in proc.stdout and "checkpoints" in proc.stdout
 
 
 def test_launch_with_arguments_does_not_start_the_quickstart():
-    proc = subprocess.run(
-        [sys.executable, "-m", "pimc_dist.launch", "--help"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    proc = run_module("pimc_dist.launch", "--help", timeout=120)
     assert proc.returncode == 0 and "--nodes" in proc.stdout
 
 
 def test_quickstart_help_shows_an_example_and_other_arguments_are_refused():
-    run = [sys.executable, "-m", "pimc_dist.quickstart"]
-    proc = subprocess.run([*run, "--help"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    proc = run_module("pimc_dist.quickstart", "--help", timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "example:" in proc.stdout and "python -m pimc_dist.launch" in proc.stdout
-    proc = subprocess.run([*run, "now"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    proc = run_module("pimc_dist.quickstart", "now", timeout=120)
     assert proc.returncode == 2 and "unrecognized arguments: now" in proc.stderr
 
 
@@ -102,7 +96,8 @@ def test_console_scripts_in_pyproject_resolve_to_callables():
 
 
 def test_cached_built_in_shards_of_an_older_format_are_rebuilt(tmp_path, capsys):
-    from pimc_dist import shard, shardset
+    from pimc_dist import shard_plan as shard
+    from pimc_dist import shardset
     from pimc_dist.quickstart import drop_stale_cache
 
     current = tmp_path / "current"

@@ -11,10 +11,11 @@ import numpy as np
 import pytest
 import torch
 
-from pimc_dist import recurrence
 from pimc_dist.recurrence import (
     default_max_distance,
+    kernels,
     plot_size,
+    plots,
     recurrence_plot,
     recurrence_plot_torch,
     recurrence_plot_uint8,
@@ -195,7 +196,7 @@ def test_thresholds_of_tiny_plots_equal_pyts(n_timestamps, threshold):
 @pytest.mark.parametrize("percentage", PERCENTAGES)
 def test_percentile_weights_reproduce_np_percentile(n_values, percentage):
     values = np.sort(np.random.default_rng(10).exponential(size=n_values))
-    lo, hi, gamma, one_minus_gamma = recurrence._percentile_weights(n_values, percentage)
+    lo, hi, gamma, one_minus_gamma = plots._percentile_weights(n_values, percentage)
     a, b = values[lo], values[hi]
     ours = b - (b - a) * one_minus_gamma if gamma >= 0.5 else a + (b - a) * gamma
     assert ours == np.percentile(values, percentage)
@@ -218,13 +219,11 @@ def _order_statistic_cases() -> list[np.ndarray]:
 def test_order_statistics_equal_sorting(case):
     values = _order_statistic_cases()[case]
     expected = np.sort(values)
-    counts = np.zeros(recurrence._PERCENTILE_BINS, dtype=np.int64)
+    counts = np.zeros(kernels._PERCENTILE_BINS, dtype=np.int64)
     for rank in range(len(values)):
         for next_rank in {rank, min(rank + 1, len(values) - 1)}:
             scratch = values.copy()
-            got = recurrence._order_statistics(
-                scratch, rank, next_rank, counts, np.zeros_like(values)
-            )
+            got = kernels._order_statistics(scratch, rank, next_rank, counts, np.zeros_like(values))
             assert got == (expected[rank], expected[next_rank])
             np.testing.assert_array_equal(np.sort(scratch), expected)  # reordered, not changed
 
@@ -233,7 +232,7 @@ def test_select_places_every_rank():
     values = np.random.default_rng(12).integers(0, 9, size=101).astype(np.float64)
     for k in range(len(values)):
         scratch = values.copy()
-        recurrence._select(scratch, k)
+        kernels._select(scratch, k)
         assert scratch[k] == np.sort(values)[k]
         assert scratch[:k].max(initial=-1) <= scratch[k] <= scratch[k + 1 :].min(initial=99)
 

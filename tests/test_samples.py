@@ -13,6 +13,7 @@ from pimc_dist import indices, recurrence
 from pimc_dist import pixel_selection as sampling
 from pimc_dist.samples import (
     MAX_KEY_LENGTH,
+    META_TABLES,
     PixelSampling,
     centred_crops,
     check_crop_source,
@@ -199,6 +200,8 @@ def test_pimc_samples_one_per_sampled_pixel_with_all_views(pastis):
         assert sample["rsi.npy"].dtype == np.int16
         assert meta["patch"] == patch.patch_id and meta["dataset"] == "pastis"
         assert meta["dates"] == grid
+        # One list per patch: the writer hashes it once for its metadata table (META_TABLES).
+        assert meta["dates"] is made[0]["json"]["dates"] and "dates" in META_TABLES
         assert meta["fold"] == patch.fold
         assert meta["label"] == int(patch.labels[r, c]) != VOID_LABEL
         assert meta["parcel"] == int(patch.parcels[r, c])

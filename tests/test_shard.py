@@ -17,12 +17,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import REPO, run_module
 from fixtures_scenes import write_eurosat, write_sen12ms
 
 from pimc_dist import config as config_lib
 from pimc_dist import samples
-from pimc_dist.shard import PLAN_NAME, cli
+from pimc_dist.shard import cli
+from pimc_dist.shard_plan import PLAN_NAME
 from pimc_dist.shardset import (
+    decode_meta,
     decode_npy,
     decode_png,
     encode_json,
@@ -34,7 +37,6 @@ from pimc_dist.sources import open_source
 from pimc_dist.sources.fixtures import write_pastis
 from pimc_dist.sources.reben import configilm_mock_root
 
-REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs" / "data"
 # PASTIS fixture: 5 patches of 32 px, 8 pixels each, 2 patches per shard -> 3 shards.
 PASTIS_ARGS = ["data.pixels_per_patch=8", "data.crop_size=8", "data.max_samples_per_shard=16"]
@@ -85,9 +87,10 @@ def clean(pastis, tmp_path_factory) -> Path:
 
 
 def decode_set(out: Path) -> list[dict]:
-    """Every sample of a shard set, decoded with shardio's reader, in manifest order."""
+    """Every sample of a shard set, decoded with shardset's reader, in manifest order."""
     decoded = []
-    for path in read_manifest(out).shard_paths():
+    manifest = read_manifest(out)
+    for path in manifest.shard_paths():
         for raw in iter_shard_samples(path):
             sample = {"__key__": raw["__key__"]}
             for suffix, data in raw.items():
@@ -96,7 +99,7 @@ def decode_set(out: Path) -> list[dict]:
                 elif suffix.endswith(".png"):
                     sample[suffix] = decode_png(bytes(data))
                 elif suffix == "json":
-                    sample[suffix] = json.loads(bytes(data))
+                    sample[suffix] = decode_meta(bytes(data), manifest)
             decoded.append(sample)
     return decoded
 
@@ -366,13 +369,7 @@ def test_geotiff_stack_with_label_rasters_and_reflectance_values_via_the_cli(tmp
 
 
 def test_help_shows_flags_and_an_example():
-    result = subprocess.run(
-        [sys.executable, "-m", "pimc_dist.shard", "--help"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    result = run_module("pimc_dist.shard", "--help", timeout=120)
     assert result.returncode == 0
     for text in ("--config", "--retry-skipped", "--plan", "data.shard_start", "example"):
         assert text in result.stdout
@@ -385,14 +382,7 @@ def test_real_cli_run_uses_a_process_pool_and_matches_one_worker(pastis, clean, 
     # 0 = every core (a spawn pool with 2+ cores); on a 1-core machine ask for 2 to test the pool
     argv = _args(out, pastis, "data.workers=0" if cores >= 2 else "data.workers=2")
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    result = subprocess.run(
-        [sys.executable, "-m", "pimc_dist.shard", *argv],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=env,
-    )
+    result = run_module("pimc_dist.shard", *argv, env=env)
     assert result.returncode == 0, result.stderr
     assert f"{min(max(cores, 2), 3)} worker process(es)" in result.stdout
     assert f"manifest: {out / 'manifest.json'}" in result.stdout

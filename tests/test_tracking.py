@@ -1,10 +1,14 @@
-"""Tracking: metrics.jsonl and offline W&B on rank 0, resume of the same W&B run, bad files."""
+"""Tracking: metrics.jsonl and offline W&B on rank 0, resume of the same W&B run, bad files,
+one console line from W&B unless tracking.verbose."""
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import struct
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -141,3 +145,44 @@ def test_read_metrics_ignores_a_torn_last_line_but_not_a_corrupt_middle(tmp_path
     path.write_text('{"step": 1}\n{broken\n{"step": 3}\n')
     with pytest.raises(ValueError, match=r"metrics.jsonl:2"):
         tracking.read_metrics(path)
+
+
+TRACKED_RUN = """
+import sys
+from pimc_dist import config, tracking
+cfg = config.load(None, [f"train.run_dir={sys.argv[1]}", "name=quiet", *sys.argv[2:]])
+tracker = tracking.Tracker(cfg, rank=0, run_dir=sys.argv[1])
+tracker.log({"loss": 1.0}, step=1)
+tracker.log_images({"rp": __import__("numpy").zeros((8, 8, 3), "uint8")}, step=1)
+tracker.summary({"steps": 1})
+tracker.finish()
+"""
+
+
+def tracked_run_output(run_dir: Path, *overrides: str) -> list[str]:
+    """Console lines (stdout and stderr) of a process that tracks a short offline run."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
+    env["WANDB_MODE"] = "offline"
+    done = subprocess.run(
+        [sys.executable, "-c", TRACKED_RUN, str(run_dir), *overrides],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    return [line for line in (done.stdout + done.stderr).splitlines() if line.strip()]
+
+
+def test_a_tracked_run_prints_one_wandb_line_naming_its_files(tmp_path):
+    lines = tracked_run_output(tmp_path)
+    wandb_lines = [line for line in lines if "wandb" in line.lower() or "W&B" in line]
+    assert len(wandb_lines) == 1, lines
+    (run_folder,) = (tmp_path / "wandb").glob("offline-run-*")
+    assert str(run_folder) in wandb_lines[0] and "wandb sync" in wandb_lines[0]
+    assert (run_folder / f"run-{run_folder.name.rsplit('-', 1)[1]}.wandb").is_file()
+
+
+def test_tracking_verbose_restores_wandbs_own_output(tmp_path):
+    lines = tracked_run_output(tmp_path, "tracking.verbose=true")
+    assert sum(line.startswith("wandb:") for line in lines) > 1, lines

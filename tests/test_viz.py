@@ -66,7 +66,7 @@ def test_curves_from_metrics_jsonl_of_pretraining_and_of_fine_tuning(tmp_path):
 
 
 def _sweep_rows() -> list[dict]:
-    """Rows as sweep.result_rows makes them: val_miou comes before the test metrics."""
+    """Rows as eval.results.result_rows makes them: val_miou comes before the test metrics."""
     rows = []
     for init, test, val in (("pretrained", (0.5, 0.7), 0.9), ("random", (0.1, 0.3), 0.95)):
         for seed, miou in enumerate(test):
@@ -88,9 +88,9 @@ def _sweep_rows() -> list[dict]:
 
 
 def test_sweep_plot_keeps_inits_apart_and_shows_the_primary_test_metric(tmp_path):
-    from pimc_dist import sweep
+    from pimc_dist.eval import results
 
-    path = sweep.write_csv(_sweep_rows(), tmp_path / "results.csv")
+    path = results.write_csv(_sweep_rows(), tmp_path / "results.csv")
     with open(path, newline="") as f:
         groups = viz.sweep_groups(list(csv.DictReader(f)))
     metric, settings = groups["pastis_pixel_cls"]

@@ -7,7 +7,8 @@
 `ckpt=` (short for `finetune.ckpt=`) is a pretraining run folder (its
 `encoders.safetensors` and `config.yaml`, which defines the encoders) or an
 encoders file (its folder's config.yaml, else this config's `model.views`,
-defines them). Tasks, inputs and splits: `pimc_dist/tasks.py`.
+defines them): `pimc_dist/eval/downstream.py`. Tasks, inputs and splits:
+`pimc_dist/eval/tasks.py`.
 
 Protocols (`finetune.protocol`, with `finetune.init` pretrained | random):
 - `linear`: frozen encoders; features of every split computed once and cached
@@ -42,22 +43,38 @@ training, lr) is refused before anything is written.
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
 import sys
-import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from omegaconf import OmegaConf
+from safetensors.torch import save_file
 from torch import nn
 
 from pimc_dist import config as config_lib
+from pimc_dist import distributed, run_lock, shardset, tracking, viz
+from pimc_dist.augment import random_dihedral
+from pimc_dist.distributed import gather_objects
+from pimc_dist.engine import Engine, cast_batch
+from pimc_dist.eval import metrics as metrics_lib
+from pimc_dist.eval.downstream import (
+    EncoderSource,
+    FinetuneError,
+    build_downstream_model,
+    owner_view,
+    resolve_encoder_source,
+)
+from pimc_dist.eval.probe import (
+    cache_key,
+    encode,
+    file_identity,
+    load_split_features,
+    save_split_features,
+    train_linear_heads,
+)
 from pimc_dist.eval.tasks import (
     CROP_VIEWS,
     ENCODED_VIEWS,
@@ -73,18 +90,11 @@ from pimc_dist.eval.tasks import (
     season_steps,
     split_shards,
 )
+from pimc_dist.files import write_json_atomic
 
 PROTOCOLS = ("linear", "finetune", "cnn1d")
 INITS = ("pretrained", "random")
-WEIGHTS_FILE = "encoders.safetensors"
 RESULT_FILE = "result.json"
-# What a folder holds, told by what a run leaves in it.
-RUN_MARKERS = (
-    ("checkpoints", "pretraining"),
-    (WEIGHTS_FILE, "pretraining"),
-    (RESULT_FILE, "fine-tuning"),
-    ("cells", "sweep"),
-)
 # The settings that make a fine-tuning run what it is; others may change on a rerun.
 RUN_IDENTITY = (
     "finetune.task",
@@ -107,254 +117,9 @@ EXAMPLES = """examples:
 """
 
 
-class FinetuneError(RuntimeError):
-    """The run cannot go on (bad checkpoint, no data for a split, ...); the message says why."""
-
-
-# ---------------------------------------------------------------------------
-# Checkpoints and encoders
-# ---------------------------------------------------------------------------
-
-
-@dataclass
-class EncoderSource:
-    """Where encoder weights come from and the architecture of each pretrained view."""
-
-    weights: Path | None  # None: random init
-    views: dict[str, dict[str, Any]]  # view -> model.views entry (None fields dropped)
-    shared_encoder: bool
-    arch_from: str  # the config file (or "finetune config") that defined the views
-
-
-def _plain_views(model_cfg: Any) -> dict[str, dict[str, Any]]:
-    views = OmegaConf.to_container(model_cfg.views, resolve=True) or {}
-    return {v: {k: x for k, x in (s or {}).items() if x is not None} for v, s in views.items()}
-
-
-def resolve_encoder_source(cfg: Any) -> EncoderSource:
-    """Weights file and encoder architecture for `finetune.ckpt` / `finetune.init`."""
-    ft = cfg.finetune
-    ckpt = Path(ft.ckpt) if ft.ckpt else None
-    weights = None
-    run_config = None
-    if ckpt is not None:
-        if ckpt.is_dir():
-            weights = ckpt / WEIGHTS_FILE
-            if not weights.is_file():
-                raise FinetuneError(
-                    f"finetune.ckpt: {ckpt} holds no {WEIGHTS_FILE} (did the pretraining finish? "
-                    "it exports the encoders at the end)"
-                )
-        elif ckpt.is_file():
-            weights = ckpt
-        else:
-            raise FinetuneError(f"finetune.ckpt: {ckpt} does not exist")
-        candidate = weights.parent / "config.yaml"
-        if candidate.is_file():
-            run_config = config_lib.from_yaml_text(candidate.read_text(), str(candidate))
-    elif ft.init == "pretrained":
-        raise FinetuneError(
-            "finetune.ckpt is required with finetune.init=pretrained (a pretraining run folder "
-            "or its encoders.safetensors); use finetune.init=random for the random-init baseline"
-        )
-    if run_config is not None and run_config.model.views:
-        views = _plain_views(run_config.model)
-        shared = bool(run_config.model.shared_encoder)
-        arch_from = str(weights.parent / "config.yaml")
-    else:
-        views = _plain_views(cfg.model)
-        shared = bool(cfg.model.shared_encoder)
-        arch_from = "model.views of the fine-tuning config"
-    return EncoderSource(
-        weights=weights if ft.init == "pretrained" else None,
-        views=views,
-        shared_encoder=shared,
-        arch_from=arch_from,
-    )
-
-
-def owner_view(source: EncoderSource, view: str) -> str:
-    """The pretrained view whose encoder `view` runs through (following share keys)."""
-    if view not in source.views:
-        raise FinetuneError(
-            f"no encoder for view '{view}' in {source.arch_from} (it has {sorted(source.views)}); "
-            "map it with finetune.encoder_views (e.g. image: rsi)"
-        )
-    if source.shared_encoder:
-        return next(iter(source.views))
-    spec = source.views[view]
-    for key in ("share", "share_encoder"):
-        if key in spec:
-            return owner_view(source, spec[key])
-    return view
-
-
-def build_view_encoder(
-    source: EncoderSource, view: str, in_chans: int, height: int, width: int
-) -> tuple[nn.Module, str]:
-    """The encoder of pretrained `view` for inputs (in_chans, height, width); weights loaded if any."""
-    from pimc_dist.models import build_encoder, load_encoder_weights
-
-    owner = owner_view(source, view)
-    spec = dict(source.views[owner])
-    name = spec.pop("encoder", None)
-    if name is None:
-        raise FinetuneError(f"view '{owner}' in {source.arch_from} names no encoder")
-    want_chans = int(spec.pop("in_chans"))
-    img_size = int(spec.pop("img_size"))
-    patch_size = spec.pop("patch_size", None)
-    for key in ("head", "share", "share_encoder"):
-        spec.pop(key, None)
-    if in_chans != want_chans:
-        raise TaskError(
-            f"the data has {in_chans} channels for this input, the '{owner}' encoder takes "
-            f"{want_chans}: pick bands with finetune.input_bands"
-        )
-    if name.startswith("vit"):
-        if height != width:
-            raise TaskError(f"a ViT encoder needs square inputs, got {height} x {width}")
-        img_size = height  # position embeddings are resized to this grid when loading
-    try:
-        encoder = build_encoder(
-            name, in_chans=in_chans, img_size=img_size, patch_size=patch_size, **spec
-        )
-    except ValueError as exc:
-        raise FinetuneError(
-            f"cannot build the '{owner}' encoder ({source.arch_from}): {exc}"
-        ) from exc
-    if source.weights is not None:
-        load_encoder_weights(encoder, source.weights, view=owner)
-    return encoder, owner
-
-
-class CNN1D(nn.Module):
-    """1D CNN on (B, C, T) series: three conv blocks, pooled to 4 positions, flattened."""
-
-    def __init__(self, in_chans: int, width: int = 32, positions: int = 4):
-        super().__init__()
-
-        def block(cin: int, cout: int, k: int) -> list[nn.Module]:
-            return [
-                nn.Conv1d(cin, cout, k, padding=k // 2, bias=False),
-                nn.BatchNorm1d(cout),
-                nn.ReLU(),
-            ]
-
-        self.net = nn.Sequential(
-            *block(in_chans, width, 5),
-            *block(width, 2 * width, 5),
-            *block(2 * width, 2 * width, 3),
-            nn.AdaptiveAvgPool1d(positions),
-            nn.Flatten(),
-        )
-        self.out_dim = 2 * width * positions
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
-
-
-class Flatten(nn.Module):
-    """Raw inputs as features: (B, ...) -> (B, prod(...))."""
-
-    def __init__(self, out_dim: int):
-        super().__init__()
-        self.out_dim = out_dim
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x.flatten(1)
-
-
-class FeatureNorm(nn.BatchNorm1d):
-    """Per-feature BatchNorm without affine parameters; a batch of one uses the running stats
-    (a 1 % label regime can leave a single labelled sample)."""
-
-    def __init__(self, dim: int):
-        super().__init__(dim, affine=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.training and x.shape[0] == 1:
-            return nn.functional.batch_norm(x, self.running_mean, self.running_var, training=False)
-        return super().forward(x)
-
-
-class DownstreamModel(nn.Module):
-    """Encoders (and raw-input branches) per input view, concatenated, then a linear head.
-
-    `features(batch)` is what a linear probe sees; `forward(batch)` adds the head,
-    behind a per-feature BatchNorm without affine parameters (as MAE's linear probe),
-    since encoder features and raw values differ in scale.
-    """
-
-    def __init__(self, branches: dict[str, nn.Module], out_dim: int):
-        super().__init__()
-        self.branches = nn.ModuleDict(branches)
-        self.feature_dim = sum(int(b.out_dim) for b in branches.values())
-        self.norm = FeatureNorm(self.feature_dim)
-        self.head = nn.Linear(self.feature_dim, out_dim)
-
-    def features(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        return torch.cat([branch(batch[v]) for v, branch in self.branches.items()], dim=1)
-
-    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        return self.head(self.norm(self.features(batch).float()))
-
-
-def build_downstream_model(
-    cfg: Any, task: Task, inputs: list[str], example: SplitData, out_dim: int, source: EncoderSource
-) -> tuple[DownstreamModel, dict[str, str]]:
-    """The model for `inputs` (shapes from `example`), and input view -> pretrained view used."""
-    ft = cfg.finetune
-    torch.manual_seed(int(cfg.train.seed))
-    branches: dict[str, nn.Module] = {}
-    used: dict[str, str] = {}
-    for view in inputs:
-        shape = example.inputs[view].shape[1:]
-        if view in ENCODED_VIEWS:
-            if len(shape) != 3:
-                raise TaskError(f"input '{view}' has shape {shape}, an encoder needs (C, H, W)")
-            pretrained_view = str(ft.encoder_views.get(view, view))
-            branches[view], used[view] = build_view_encoder(source, pretrained_view, *shape)
-        elif ft.protocol == "cnn1d":
-            branches[view] = CNN1D(int(shape[0]))
-        else:
-            branches[view] = Flatten(int(np.prod(shape)))
-    return DownstreamModel(branches, out_dim), used
-
-
 # ---------------------------------------------------------------------------
 # Helpers
 # ---------------------------------------------------------------------------
-
-
-def _with(cfg: Any, updates: dict[str, Any]) -> Any:
-    """A copy of a (read-only) config with nested updates."""
-    plain = OmegaConf.to_container(cfg, resolve=True)
-
-    def merge(base: dict, extra: dict) -> None:
-        for k, v in extra.items():
-            if isinstance(v, dict) and isinstance(base.get(k), dict):
-                merge(base[k], v)
-            else:
-                base[k] = v
-
-    merge(plain, updates)
-    return OmegaConf.create(plain)
-
-
-def _atomic_write_json(path: Path, value: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(value, f, indent=1, default=_json_default, allow_nan=True)
-    os.replace(tmp, path)
-
-
-def _json_default(value: Any) -> Any:
-    if hasattr(value, "item"):
-        return value.item()
-    if hasattr(value, "tolist"):
-        return value.tolist()
-    return str(value)
 
 
 def _cap(data: SplitData, cap: int | None, seed: int) -> SplitData:
@@ -371,31 +136,6 @@ def _require_splits(splits: dict[str, SplitData | None], report: dict[str, Any])
             f"no sample in split(s) {empty} (samples per split: {report['samples']}; shards "
             f"{report['shards']}); check finetune.fold_rotation / the shard sets' folds or splits"
         )
-
-
-def _flip_rot(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    """Per-sample random flips and 90-degree rotations of (B, C, H, W) crops."""
-    if x.shape[-1] != x.shape[-2]:
-        return torch.where(
-            torch.rand(len(x), generator=gen)[:, None, None, None] < 0.5, x.flip(-1), x
-        )
-    flip = torch.rand(len(x), generator=gen) < 0.5
-    x = torch.where(flip[:, None, None, None], x.flip(-1), x)
-    k = torch.randint(0, 4, (len(x),), generator=gen)
-    out = x.clone()
-    for r in range(1, 4):
-        sel = k == r
-        if sel.any():
-            out[sel] = torch.rot90(x[sel], r, dims=(-2, -1))
-    return out
-
-
-def _gather(obj: Any) -> list[Any]:
-    if not torch.distributed.is_initialized():
-        return [obj]
-    out: list[Any] = [None] * torch.distributed.get_world_size()
-    torch.distributed.all_gather_object(out, obj)
-    return out
 
 
 def _merge_shares(
@@ -424,8 +164,6 @@ def _merge_shares(
 
 
 def _cache_info(cfg: Any, task: Task, inputs: list[str], source: EncoderSource) -> dict[str, Any]:
-    from pimc_dist.eval.probe import file_identity
-
     ft = cfg.finetune
     folders = split_shards(cfg)
     manifests = {}
@@ -452,44 +190,18 @@ def _cache_info(cfg: Any, task: Task, inputs: list[str], source: EncoderSource) 
     }
 
 
-@torch.no_grad()
-def encode(
-    model: DownstreamModel,
-    data: SplitData,
-    normalizer: Any,
-    batch_size: int,
-    progress: str | None = None,
-) -> np.ndarray:
-    """Frozen features (N, D) of a split, in batches, model in eval mode.
-
-    `progress`: a label for a progress bar (rate and ETA, on stderr); None shows none.
-    """
-    from pimc_dist.progress import progress_bar
-
-    model.eval()
-    out = []
-    with progress_bar(len(data), progress, unit="sample") as bar:
-        for i in range(0, len(data), batch_size):
-            batch = normalizer.batch(data.inputs, slice(i, i + batch_size))
-            out.append(model.features(batch).float().numpy())
-            bar.update(min(batch_size, len(data) - i))
-    return np.concatenate(out) if out else np.zeros((0, model.feature_dim), np.float32)
-
-
 def run_linear(
     cfg: Any, task: Task, inputs: list[str], source: EncoderSource, rank: int, world: int
 ) -> dict[str, Any] | None:
     """The linear protocol; returns the result on rank 0 (None elsewhere)."""
-    from pimc_dist.eval import probe
-
     ft = cfg.finetune
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
-    key = probe.cache_key(_cache_info(cfg, task, inputs, source))
+    key = cache_key(_cache_info(cfg, task, inputs, source))
     folder = Path(ft.feature_cache) / key
-    cached = {s: probe.load_split_features(folder, s) for s in SPLITS} if rank == 0 else {}
+    cached = {s: load_split_features(folder, s) for s in SPLITS} if rank == 0 else {}
     have_all = all(cached.get(s) is not None for s in SPLITS)
-    have_all = _gather(have_all)[0]
+    have_all = gather_objects(have_all)[0]
     used = {
         v: owner_view(source, str(ft.encoder_views.get(v, v))) for v in inputs if v in ENCODED_VIEWS
     }
@@ -499,7 +211,7 @@ def run_linear(
         report.update(read_report)
         timings["read_s"] = time.perf_counter() - t0
         example = next((d for d in splits.values() if d is not None and len(d)), None)
-        example = _gather(example.subset(np.arange(1)) if example is not None else None)
+        example = gather_objects(example.subset(np.arange(1)) if example is not None else None)
         example = next((e for e in example if e is not None), None)
         if example is None:
             raise FinetuneError(f"no sample found in {read_report['shards']}")
@@ -516,8 +228,8 @@ def run_linear(
                 if data is not None
                 else None
             )
-            shares = _gather(data)
-            feature_shares = _gather(feats)
+            shares = gather_objects(data)
+            feature_shares = gather_objects(feats)
             problem = None
             if rank == 0:
                 merged = _merge_shares(shares, feature_shares)
@@ -531,9 +243,9 @@ def run_linear(
                 else:
                     if ft.max_samples_per_split is not None:
                         merged = _cap_pair(merged, ft, cfg)
-                    probe.save_split_features(folder, split, *merged)
+                    save_split_features(folder, split, *merged)
                     cached[split] = merged
-            problem = _gather(problem)[0]  # every rank stops together
+            problem = gather_objects(problem)[0]  # every rank stops together
             if problem:
                 raise FinetuneError(problem)
         timings["features_s"] = time.perf_counter() - t1
@@ -542,12 +254,12 @@ def run_linear(
         return None
     counts = {s: len(cached[s][1]) for s in SPLITS}
     x_train, d_train = cached["train"]
-    keep = label_subset(len(d_train), float(ft.label_fraction), int(cfg.train.seed))
+    keep = label_subset(d_train.keys, float(ft.label_fraction), int(cfg.loss.label_seed))
     x_train, d_train = x_train[keep], d_train.subset(keep)
     classes = task.class_names(_classes(cfg))
     out_dim = task.output_dim(classes, int(ft.horizon))
     t2 = time.perf_counter()
-    result = probe.train_linear_heads(
+    result = train_linear_heads(
         task,
         (x_train, d_train),
         cached["val"],
@@ -563,8 +275,6 @@ def run_linear(
     )
     timings["train_s"] = time.perf_counter() - t2
     if ft.save_heads:
-        from safetensors.torch import save_file
-
         run_dir = Path(cfg.train.run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
         save_file(
@@ -597,8 +307,6 @@ def _cap_pair(
 
 
 def _classes(cfg: Any) -> list[str]:
-    from pimc_dist import shardset
-
     return list(shardset.read_manifest(split_shards(cfg)["train"]).classes)
 
 
@@ -619,10 +327,7 @@ def predict(
     module.eval()
     out = []
     for i in range(0, len(data), batch_size):
-        batch = {
-            k: v.to(device=device, dtype=dtype)
-            for k, v in normalizer.batch(data.inputs, slice(i, i + batch_size)).items()
-        }
+        batch = cast_batch(normalizer.batch(data.inputs, slice(i, i + batch_size)), dtype, device)
         out.append(module(batch).float().cpu().numpy())
     return np.concatenate(out)
 
@@ -637,8 +342,6 @@ def run_finetune(
     tracker: Any,
 ) -> dict[str, Any] | None:
     """The finetune and cnn1d protocols; returns the result on rank 0 (None elsewhere)."""
-    from pimc_dist.engine import Engine
-
     ft = cfg.finetune
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
@@ -647,7 +350,7 @@ def run_finetune(
     cap, seed = ft.max_samples_per_split, int(cfg.train.seed)
     splits = {s: _cap(d, cap, seed) for s, d in splits.items()}
     train = splits["train"].subset(
-        label_subset(len(splits["train"]), float(ft.label_fraction), seed)
+        label_subset(splits["train"].keys, float(ft.label_fraction), int(cfg.loss.label_seed))
     )
     timings["read_s"] = time.perf_counter() - t0
     classes = task.class_names(_classes(cfg))
@@ -661,7 +364,7 @@ def run_finetune(
     epochs = int(ft.epochs)
     total_steps = max(1, epochs * steps_per_epoch)
     engine = Engine(
-        _with(cfg, {"train": {"batch_size": per_rank, "grad_accum": 1}}),
+        config_lib.with_updates(cfg, {"train": {"batch_size": per_rank, "grad_accum": 1}}),
         model,
         world_size=world,
         rank=rank,
@@ -685,9 +388,10 @@ def run_finetune(
                 idx = order[:per_rank]
             batch = normalizer.batch(train.inputs, idx)
             if ft.augment:
-                batch = {k: _flip_rot(v, gen) if k in CROP_VIEWS else v for k, v in batch.items()}
-            batch = {k: v.to(device=device, dtype=dtype) for k, v in batch.items()}
-            out = engine.module(batch)
+                batch = {
+                    k: random_dihedral(v, gen) if k in CROP_VIEWS else v for k, v in batch.items()
+                }
+            out = engine.module(engine.model_batch(batch))
             loss = task.loss(out.float(), target[idx].to(device))
             engine.module.backward(loss)
             engine.module.step()
@@ -789,6 +493,8 @@ def check_config(cfg: Any) -> None:
             )
         if ft.ckpt is not None and not Path(ft.ckpt).exists():
             raise bad("ckpt", f"{ft.ckpt} does not exist")
+        if ft.ckpt is not None and ft.init == "pretrained":
+            _check_label_regime(cfg)
     for split, folder in split_shards(cfg).items():
         if not (Path(folder) / "manifest.json").is_file():
             raise config_lib.ConfigError(
@@ -796,26 +502,34 @@ def check_config(cfg: Any) -> None:
                 f"loader.shards or finetune.{split}_shards, or make one with python -m pimc_dist.shard"
             )
     lr = ("train.lr",) if ft.protocol != "linear" else ()  # a linear run trains its probe_lrs
-    check_run_folder(cfg, Path(cfg.train.run_dir), "fine-tuning", (*RUN_IDENTITY, *lr))
+    config_lib.check_run_folder(
+        cfg, Path(cfg.train.run_dir), (*RUN_IDENTITY, *lr), kind="fine-tuning"
+    )
 
 
-def check_run_folder(cfg: Any, run_dir: Path, kind: str, keys: tuple[str, ...]) -> None:
-    """Refuse a run folder that holds another kind of run, or a run of this kind that differs
-    in `keys` (pretraining's rule); the same run may run there again and replace its outputs."""
-    for name, other in RUN_MARKERS:
-        if other != kind and (run_dir / name).exists():
-            raise config_lib.ConfigError(
-                f"invalid key 'train.run_dir': {run_dir} holds a {other} run ({name} is there); "
-                f"give this {kind} run its own folder with train.run_dir=... or name=..."
-            )
-    config_lib.check_run_folder(cfg, run_dir, keys)
+def _check_label_regime(cfg: Any) -> None:
+    """A checkpoint pretrained on a labelled subset (`loss.label_fraction` g < 1) is probed at
+    the same fraction and `loss.label_seed`, i.e. on the same labelled subset (DESIGN.md,
+    Evaluation protocol); anything else would score a low-label row on labels its SupCon
+    term never saw, or hide labels it did."""
+    ckpt = Path(cfg.finetune.ckpt)
+    saved = (ckpt if ckpt.is_dir() else ckpt.parent) / config_lib.CONFIG_FILE
+    if not saved.is_file():
+        return
+    pre = config_lib.from_yaml_text(saved.read_text(), str(saved)).loss
+    g, f = float(pre.label_fraction), float(cfg.finetune.label_fraction)
+    if g < 1.0 and (g != f or int(pre.label_seed) != int(cfg.loss.label_seed)):
+        raise config_lib.ConfigError(
+            f"invalid key 'finetune.label_fraction': {f} (loss.label_seed "
+            f"{cfg.loss.label_seed}) on a checkpoint pretrained with loss.label_fraction={g} "
+            f"(loss.label_seed {pre.label_seed}, {saved}): a low-label row probes on the "
+            "labelled subset its pretraining used; set finetune.label_fraction and "
+            "loss.label_seed to the pretraining's, or pretrain with this fraction"
+        )
 
 
 def main(cfg: Any) -> int:
     """Run one downstream evaluation on this rank; rank 0 writes result.json. Returns 0."""
-    from pimc_dist import distributed
-    from pimc_dist.tracking import Tracker
-
     check_config(cfg)
     t_start = time.perf_counter()
     ft = cfg.finetune
@@ -833,11 +547,13 @@ def main(cfg: Any) -> int:
         else EncoderSource(None, {}, False, "")
     )
     run_dir = Path(cfg.train.run_dir)
+    # One job per run folder: rank 0 holds its lock until the end (released in `finally`).
+    lock = run_lock.acquire_on_rank0(run_dir, rank, gather_objects, "fine-tuning")
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / RESULT_FILE).unlink(missing_ok=True)
-        config_lib.save(cfg, run_dir / "config.yaml")
-    tracker = Tracker(
+        config_lib.save_run_config(cfg, run_dir)
+    tracker = tracking.Tracker(
         cfg, rank=rank, run_dir=run_dir, config=OmegaConf.to_container(cfg, resolve=True)
     )
     exit_code = 1
@@ -852,6 +568,7 @@ def main(cfg: Any) -> int:
     finally:
         tracker.finish(exit_code=exit_code)
         distributed.cleanup()  # also DeepSpeed's cached groups: a second run here starts clean
+        lock.release()
     return 0
 
 
@@ -865,9 +582,6 @@ def write_result(
     tracker: Any,
 ) -> Path:
     """result.json (+ confusion matrix PNG) in the run folder; prints where they are."""
-    from pimc_dist import viz
-    from pimc_dist.eval import metrics as metrics_lib
-
     ft = cfg.finetune
     run_dir = Path(cfg.train.run_dir)
     test_output = out.pop("_test_output", None)
@@ -908,7 +622,7 @@ def write_result(
             for h in result["history"]
         ]
         files["curves"] = viz.plot_curves(run_dir, run_dir / "curves.png", rows=rows)
-    _atomic_write_json(files["result"], result)
+    write_json_atomic(files["result"], result)
     # After the last epoch's step: W&B drops rows logged at an earlier step.
     step = len(result.get("history", []))
     summary = {f"test/{k}": v for k, v in result["metrics"].items() if isinstance(v, (int, float))}
@@ -938,26 +652,16 @@ def cli_overrides(overrides: list[str]) -> list[str]:
     return [f"finetune.{o}" if o.startswith("ckpt=") else o for o in overrides]
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="python -m pimc_dist.finetune",
-        description=(
-            "Evaluate pretrained encoders on a downstream task: linear probe (cached features, a "
-            "grid of heads in one pass), full fine-tuning through DeepSpeed, or a baseline. "
-            "Writes result.json in the run folder."
-        ),
-        epilog=EXAMPLES,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument(
-        "--config", required=True, help="fine-tuning YAML (configs/finetune/*.yaml)"
-    )
-    parser.add_argument(
-        "overrides",
-        nargs="*",
-        help="dotted key=value overrides; ckpt=<run folder or encoders file>",
-    )
-    return parser.parse_args(argv)
+def parse_args(argv: list[str] | None = None) -> Any:
+    return config_lib.job_parser(
+        "python -m pimc_dist.finetune",
+        "Evaluate pretrained encoders on a downstream task: linear probe (cached features, a "
+        "grid of heads in one pass), full fine-tuning through DeepSpeed, or a baseline. "
+        "Writes result.json in the run folder.",
+        EXAMPLES,
+        "fine-tuning YAML (configs/finetune/*.yaml)",
+        "dotted key=value overrides; ckpt=<run folder or encoders file>",
+    ).parse_intermixed_args(argv)
 
 
 def cli(argv: list[str] | None = None) -> int:
@@ -965,9 +669,9 @@ def cli(argv: list[str] | None = None) -> int:
     try:
         cfg = config_lib.load(args.config, cli_overrides(args.overrides))
         return main(cfg)
-    except (config_lib.ConfigError, TaskError, FinetuneError) as exc:
+    except (config_lib.ConfigError, run_lock.RunFolderError, TaskError, FinetuneError) as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 2 if isinstance(exc, config_lib.ConfigError) else 1
+        return 2 if isinstance(exc, (config_lib.ConfigError, run_lock.RunFolderError)) else 1
 
 
 if __name__ == "__main__":

@@ -18,11 +18,13 @@ A head whose loss stops being finite is dropped from training (its score is NaN)
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
 import math
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,8 +32,11 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.numpy import save_file
 from torch import nn
 
+from pimc_dist.eval.downstream import DownstreamModel
 from pimc_dist.eval.tasks import SplitData, Task
 from pimc_dist.progress import progress_bar
 
@@ -58,10 +63,30 @@ def file_identity(path: str | os.PathLike) -> dict[str, Any]:
     return {"path": str(p.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
 
 
+@torch.no_grad()
+def encode(
+    model: DownstreamModel,
+    data: SplitData,
+    normalizer: Any,
+    batch_size: int,
+    progress: str | None = None,
+) -> np.ndarray:
+    """Frozen features (N, D) of a split, in batches, model in eval mode.
+
+    `progress`: a label for a progress bar (rate and ETA, on stderr); None shows none.
+    """
+    model.eval()
+    out = []
+    with progress_bar(len(data), progress, unit="sample") as bar:
+        for i in range(0, len(data), batch_size):
+            batch = normalizer.batch(data.inputs, slice(i, i + batch_size))
+            out.append(model.features(batch).float().numpy())
+            bar.update(min(batch_size, len(data) - i))
+    return np.concatenate(out) if out else np.zeros((0, model.feature_dim), np.float32)
+
+
 def save_split_features(folder: Path, split: str, features: np.ndarray, data: SplitData) -> Path:
     """Write one split's features, targets (and forecast extras) atomically."""
-    from safetensors.numpy import save_file
-
     folder.mkdir(parents=True, exist_ok=True)
     tensors = {
         "features": np.ascontiguousarray(features, dtype=np.float32),
@@ -84,8 +109,6 @@ def save_split_features(folder: Path, split: str, features: np.ndarray, data: Sp
 
 def load_split_features(folder: Path, split: str) -> tuple[np.ndarray, SplitData] | None:
     """Cached (features, split) or None when absent; a corrupt file is reported and ignored."""
-    from safetensors import safe_open
-
     path = folder / f"{split}.safetensors"
     if not path.is_file():
         return None
@@ -169,6 +192,23 @@ class LinearHeads(nn.Module):
         return torch.einsum("bd,hdk->hbk", x, self.weight) + self.bias
 
 
+def _single_threaded(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Run `fn` with one torch thread (restored after)."""
+
+    @functools.wraps(fn)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        threads = torch.get_num_threads()
+        # Small matmuls: more threads only add synchronisation (20-80x slower on a busy machine).
+        torch.set_num_threads(1)
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            torch.set_num_threads(threads)
+
+    return run
+
+
+@_single_threaded
 def train_linear_heads(
     task: Task,
     train: tuple[np.ndarray, SplitData],
@@ -192,42 +232,6 @@ def train_linear_heads(
     """
     if not lrs:
         raise ValueError("finetune.probe_lrs is empty")
-    threads = torch.get_num_threads()
-    # Small matmuls: more threads only add synchronisation (20-80x slower on a busy machine).
-    torch.set_num_threads(1)
-    try:
-        return _train_heads(
-            task,
-            train,
-            val,
-            test,
-            class_names,
-            out_dim,
-            lrs,
-            epochs,
-            batch_size,
-            weight_decay,
-            seed,
-            progress,
-        )
-    finally:
-        torch.set_num_threads(threads)
-
-
-def _train_heads(
-    task: Task,
-    train: tuple[np.ndarray, SplitData],
-    val: tuple[np.ndarray, SplitData],
-    test: tuple[np.ndarray, SplitData],
-    class_names: list[str],
-    out_dim: int,
-    lrs: list[float],
-    epochs: int,
-    batch_size: int,
-    weight_decay: float,
-    seed: int,
-    progress: str | None,
-) -> ProbeResult:
     (x_train, d_train), (x_val, d_val), (x_test, d_test) = train, val, test
     if len(d_train) == 0:
         raise ValueError("no training sample left for the probe")

@@ -52,7 +52,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from pimc_dist import shardset
 from pimc_dist.eval import metrics as metrics_lib
+from pimc_dist.label_subset import labelled_index
+from pimc_dist.recurrence import recurrence_plot_uint8
+from pimc_dist.sources.pastis import FOLD_ROTATION
 
 SPLITS = ("train", "val", "test")
 SPLIT_ALIASES = {"train": "train", "val": "val", "validation": "val", "test": "test"}
@@ -106,15 +110,13 @@ class SplitData:
         )
 
 
-def label_subset(n: int, fraction: float, seed: int) -> np.ndarray:
-    """Sorted indices of a seeded random `fraction` of n samples (at least one)."""
+def label_subset(keys: Sequence[str], fraction: float, seed: int) -> np.ndarray:
+    """Sorted indices of the labelled samples among `keys` (their `sample_key`s): the same
+    subset whose labels a MoSAiC pretraining with this `loss.label_fraction` and
+    `loss.label_seed` gave its SupCon term (`pimc_dist.label_subset`); at least one."""
     if not 0.0 < fraction <= 1.0:
         raise TaskError(f"finetune.label_fraction must be in (0, 1], got {fraction}")
-    if fraction >= 1.0:
-        return np.arange(n)
-    k = max(1, int(round(fraction * n)))
-    rng = np.random.default_rng([int(seed), 7919])
-    return np.sort(rng.choice(n, size=k, replace=False))
+    return labelled_index(keys, fraction, seed)
 
 
 def sample_key(meta: dict[str, Any]) -> str:
@@ -129,8 +131,6 @@ def split_of(meta: dict[str, Any], fold_rotation: int, hash_split: Sequence[floa
     """train | val | test for one sample (module docstring: Splits)."""
     fold = meta.get("fold")
     if isinstance(fold, int) and not isinstance(fold, bool) and fold > 0:
-        from pimc_dist.sources.pastis import FOLD_ROTATION
-
         for name, folds in zip(SPLITS, FOLD_ROTATION[fold_rotation], strict=True):
             if fold in folds:
                 return name
@@ -359,8 +359,6 @@ class Task:
 
 def window_plots(window: np.ndarray, size: int | None) -> np.ndarray:
     """uint8 recurrence plots (N, 3, S, S) of (N, 3, T) index windows (values as stored)."""
-    from pimc_dist.recurrence import recurrence_plot_uint8
-
     # float16 first: the stored precision, so a plot equals what the sharder would make.
     values = np.ascontiguousarray(window.astype(np.float16).astype(np.float32))
     if values.shape[0] == 0:
@@ -465,25 +463,6 @@ def split_shards(cfg: Any) -> dict[str, str]:
     return {s: str(ft[f"{s}_shards"] or cfg.loader.shards) for s in SPLITS}
 
 
-def _loader_cfg(cfg: Any, shards: str, views: list[str]) -> Any:
-    from omegaconf import OmegaConf
-
-    plain = OmegaConf.to_container(cfg, resolve=True)
-    plain["loader"].update(
-        shards=shards,
-        views=views,
-        normalize=False,  # stored dtypes in memory; Normalizer works per batch
-        augment=False,
-        rp_on_the_fly="off",
-        resampled=False,
-        # Scores are only comparable on the whole split: a shard that fails its manifest
-        # check stops the evaluation instead of silently shrinking the test set.
-        max_excluded_fraction=0.0,
-    )
-    plain["train"]["batch_size"] = int(cfg.finetune.eval_batch_size)
-    return OmegaConf.create(plain)
-
-
 def iter_decoded(
     cfg: Any,
     shards: str,
@@ -496,10 +475,20 @@ def iter_decoded(
 
     `counters`, if given, receives the loader's counts (samples, skips by reason) at the end.
     """
-    from pimc_dist import shardset as data_lib
-
-    loader = data_lib.build_loader(
-        _loader_cfg(cfg, shards, views), rank=rank, world_size=world_size, train=False
+    loader = shardset.open_loader(
+        shards,
+        views=views,
+        batch_size=int(cfg.finetune.eval_batch_size),
+        rank=rank,
+        world_size=world_size,
+        train=False,
+        workers=int(cfg.loader.workers),
+        prefetch_factor=int(cfg.loader.prefetch_factor),
+        verify=str(cfg.loader.verify),
+        normalize=False,  # stored dtypes in memory; Normalizer works per batch
+        # Scores are only comparable on the whole split: a shard that fails its manifest
+        # check stops the evaluation instead of silently shrinking the test set.
+        max_excluded_fraction=0.0,
     )
     if "json" not in loader.manifest.members:
         raise TaskError(f"{loader.manifest.path}: samples carry no JSON (labels, folds)")
@@ -510,8 +499,6 @@ def iter_decoded(
 
 
 def read_manifest_for(shards: str) -> Any:
-    from pimc_dist import shardset
-
     return shardset.read_manifest(shards)
 
 
@@ -595,8 +582,6 @@ def normalizer_for(
     cfg: Any, task: Task, inputs: Sequence[str], band_names: dict[str, list[str]]
 ) -> Normalizer:
     """Per-channel statistics of each input from the training shard set's manifest."""
-    from pimc_dist import shardset
-
     manifest = read_manifest_for(split_shards(cfg)["train"])
     stats: dict[str, tuple[np.ndarray, np.ndarray] | None] = {}
     for view in inputs:

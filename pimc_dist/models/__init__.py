@@ -8,7 +8,14 @@ downstream jobs as safetensors.
 
 from pimc_dist.models.flops import count_flops
 from pimc_dist.models.heads import ProjectionHead
-from pimc_dist.models.registry import ENCODER_NAMES, build_encoder, build_head, build_model
+from pimc_dist.models.norm import BatchNorm1d, BatchNorm2d
+from pimc_dist.models.registry import (
+    ENCODER_NAMES,
+    build_encoder,
+    build_head,
+    build_model,
+    compile_encoders,
+)
 from pimc_dist.models.resnet import ResNet
 from pimc_dist.models.summary import count_params, model_summary
 from pimc_dist.models.two_tower import ContrastiveModel
@@ -22,6 +29,8 @@ from pimc_dist.models.weights import (
 )
 
 __all__ = [
+    "BatchNorm1d",
+    "BatchNorm2d",
     "ENCODER_NAMES",
     "VIT_SIZES",
     "ContrastiveModel",
@@ -32,6 +41,7 @@ __all__ = [
     "build_encoder",
     "build_head",
     "build_model",
+    "compile_encoders",
     "count_flops",
     "count_params",
     "default_patch_size",

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from pimc_dist.models.heads import ProjectionHead
+from pimc_dist.models.registry import build_encoder
 from pimc_dist.models.resnet import BasicBlock, Bottleneck, ResNet
 from pimc_dist.models.two_tower import ContrastiveModel
 from pimc_dist.models.vit import VisionTransformer
@@ -100,8 +101,6 @@ def count_flops(
     if isinstance(name_or_model, str):
         if in_chans is None or img_size is None:
             raise ValueError("count_flops by encoder name needs in_chans and img_size")
-        from pimc_dist.models.registry import build_encoder
-
         with torch.device("meta"):
             model = build_encoder(
                 name_or_model, in_chans=in_chans, img_size=img_size, patch_size=patch_size, **kw

@@ -18,6 +18,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from pimc_dist.models.norm import BatchNorm1d
+
 HEAD_NORMS = ("ln", "bn", "none")
 HEAD_ACTS = ("gelu", "relu")
 
@@ -59,7 +61,7 @@ class ProjectionHead(nn.Module):
             if norm == "ln":
                 layers.append(nn.LayerNorm(hidden_dim))
             elif norm == "bn":
-                layers.append(nn.BatchNorm1d(hidden_dim))
+                layers.append(BatchNorm1d(hidden_dim))
             layers.append(nn.GELU() if act == "gelu" else nn.ReLU(inplace=True))
             dim = hidden_dim
         if depth >= 1:

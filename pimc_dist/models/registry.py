@@ -15,7 +15,7 @@ A view may instead reuse another view's network: `{share: s2}` runs the same
 encoder and head (a second augmentation of "s2"); `{share_encoder: s2}` runs
 the same encoder with a head of its own (optionally `head: {...}` overrides).
 Any other key of a view goes to the encoder (ResNet: small_input, width,
-zero_init_residual; ViT: pool, drop_path_rate, grad_checkpointing, embed_dim,
+zero_init_residual, grad_checkpointing; ViT: pool, drop_path_rate, grad_checkpointing, embed_dim,
 depth, num_heads, mlp_ratio, qkv_bias).
 """
 
@@ -81,9 +81,6 @@ def build_encoder(
         _check_options(name, kw, RESNET_OPTIONS)
         if patch_size is not None:
             raise ValueError(f"{name}: patch_size applies to ViT encoders only")
-        if kw.pop("grad_checkpointing", False):
-            # Recomputing a block in backward would update BatchNorm running statistics twice.
-            raise ValueError(f"{name}: activation checkpointing is offered for ViT encoders only")
         block, layers = RESNET_LAYERS[name]
         return ResNet(block, layers, in_chans=in_chans, img_size=img_size, **kw)
 
@@ -131,7 +128,7 @@ def build_model(
     Keys whose value is None count as absent (structured configs carry every field).
     `shared_encoder`: every view runs the first view's encoder (their encoder settings
     must agree), each with its own head. `grad_checkpointing`: turn activation
-    checkpointing on for every ViT view (ResNets have none). The logit scale starts at
+    checkpointing on for every encoder (ViT blocks, ResNet stages). The logit scale starts at
     log(1 / init_temperature).
     """
     head_cfg = {k: v for k, v in dict(head or {}).items() if v is not None}
@@ -140,7 +137,7 @@ def build_model(
         views = _share_first_encoder(views)
     if grad_checkpointing:
         for spec in views.values():
-            if str(spec.get("encoder", "")).startswith("vit_"):
+            if "encoder" in spec:
                 spec.setdefault("grad_checkpointing", True)
     encoders: dict[str, nn.Module] = {}
     heads: dict[str, nn.Module] = {}
@@ -202,6 +199,19 @@ def build_model(
         learn_logit_scale=learn_logit_scale,
         init_logit_bias=init_logit_bias,
     )
+
+
+def compile_encoders(model: ContrastiveModel, **options: Any) -> ContrastiveModel:
+    """`torch.compile` every encoder's forward in place (`train.compile`); returns `model`.
+
+    `nn.Module.compile` keeps the module and its state-dict keys as they are (no
+    `_orig_mod.` prefix), so checkpoints and exported weights do not change. Heads are
+    left eager: two or three small matmuls, not worth a graph. Compilation happens at
+    the first forward; `options` go to `torch.compile`.
+    """
+    for encoder in model.encoders.values():
+        encoder.compile(**options)
+    return model
 
 
 def _share_first_encoder(views: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:

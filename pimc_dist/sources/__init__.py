@@ -5,6 +5,8 @@ class list and the sample kind its records make. Names in `data.source`:
 
 - `pastis`: PASTIS / PASTIS-R (`sources/pastis.py`), time series -> PIMC samples
 - `geotiff_stack`: a user's multi-date GeoTIFF stack (`sources/geotiff_stack.py`)
+- `point_series`: a table of labelled point time series, one row per sample and date
+  (CSV / parquet, `sources/point_series.py`) -> PIMC samples without a crop view
 - `eurosat`: EuroSAT RGB or 13-band (`sources/eurosat.py`) -> scene samples
 - `reben`: BigEarthNet v2 (`sources/reben.py`) -> MoSAiC samples
 - `sen12ms`: SEN12MS (`sources/sen12ms.py`) -> MoSAiC samples
@@ -22,9 +24,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pimc_dist.sources import eurosat, fixtures, geotiff_stack, pastis, point_series, reben, sen12ms
 from pimc_dist.sources.base import MultimodalPatch, ScenePatch, SourceError, TimeSeriesPatch
 
-SOURCES = ("demo", "pastis", "geotiff_stack", "eurosat", "reben", "sen12ms")
+SOURCES = ("demo", "pastis", "geotiff_stack", "point_series", "eurosat", "reben", "sen12ms")
 DEMO_ROOT = Path("shards/_raw/demo")
 DEMO_PATCHES = 20  # 4 per fold
 DEMO_SIZE = 64
@@ -40,12 +43,15 @@ class Source:
     classes: list[str]
     kind: str  # pimc | mosaic | scene
     exclude_labels: tuple[int, ...] = ()
+    # Samples one record makes at most; None = data.pixels_per_patch (pimc) or 1.
+    samples_per_record: int | None = None
+    # Acquisitions merged into another of their day (sources.base.merge_same_day), over the
+    # whole dataset: the sharder prints it once.
+    same_day_merged: int = 0
 
 
 def ensure_demo_dataset(root: str | os.PathLike = DEMO_ROOT) -> Path:
     """Write the built-in PASTIS-layout dataset under `root` unless it is already complete."""
-    from pimc_dist.sources.fixtures import write_pastis
-
     root = Path(root)
     done = root / ".complete"
     if done.is_file():
@@ -55,7 +61,7 @@ def ensure_demo_dataset(root: str | os.PathLike = DEMO_ROOT) -> Path:
         import shutil
 
         shutil.rmtree(tmp)
-    write_pastis(tmp, n_patches=DEMO_PATCHES, size=DEMO_SIZE, seed=DEMO_SEED)
+    fixtures.write_pastis(tmp, n_patches=DEMO_PATCHES, size=DEMO_SIZE, seed=DEMO_SEED)
     (tmp / ".complete").write_text("written by pimc_dist.sources.ensure_demo_dataset\n")
     if root.exists():
         import shutil
@@ -79,12 +85,29 @@ def label_paths(pattern: str | None, paths: list[str]) -> list[str] | None:
     return [pattern]
 
 
+def _paths(root: str) -> list[str]:
+    # glob.glob, not Path.glob: the pattern may be absolute.
+    paths = sorted(glob.glob(root)) if any(ch in root for ch in "*?[") else [root]
+    if not paths:
+        raise SourceError(root, "no file matches this pattern")
+    return paths
+
+
+def _split_options(data: Any) -> dict[str, Any]:
+    """Class list, ignored label values and split options of GeoTIFF stacks and point tables."""
+    return dict(
+        class_names=list(data.class_names),
+        label_ignore=list(data.label_ignore),
+        split=data.split,
+        hash_fractions=dict(data.hash_split) or None,
+        split_seed=data.split_seed,
+    )
+
+
 def open_source(data: Any) -> Source:
     """Open the reader named by `data.source` with the options of the `data` config section."""
     name = data.source
     if name in ("demo", "pastis"):
-        from pimc_dist.sources import pastis
-
         if name == "demo":
             root = ensure_demo_dataset(data.root or DEMO_ROOT)
         else:
@@ -98,15 +121,8 @@ def open_source(data: Any) -> Source:
         )
         return Source(name, reader, list(pastis.CLASSES), "pimc", (pastis.VOID_LABEL,))
     if name == "geotiff_stack":
-        from pimc_dist.sources.geotiff_stack import GeoTiffStackSource
-
-        # glob.glob, not Path.glob: the pattern may be absolute.
-        paths = (
-            sorted(glob.glob(data.root)) if any(ch in data.root for ch in "*?[") else [data.root]
-        )
-        if not paths:
-            raise SourceError(data.root, "no file matches this pattern")
-        reader = GeoTiffStackSource(
+        paths = _paths(data.root)
+        reader = geotiff_stack.GeoTiffStackSource(
             paths,
             band_names=list(data.band_names),
             dates=list(data.dates),
@@ -119,23 +135,52 @@ def open_source(data: Any) -> Source:
             # Edge patches keep their real extent: PIMC samples need no fixed patch size,
             # and crops near the image edge are then edge-padded instead of showing nodata.
             pad_edges=False,
+            **_split_options(data),
         )
-        return Source(name, reader, [], "pimc")
+        return Source(
+            name,
+            reader,
+            list(reader.class_names),
+            "pimc",
+            reader.label_ignore,
+            same_day_merged=reader.same_day_merged,
+        )
+    if name == "point_series":
+        reader = point_series.PointSeriesSource(
+            _paths(data.root),
+            band_names=list(data.band_names),
+            id_column=data.id_column,
+            date_column=data.date_column,
+            label_column=data.label_column,
+            split_column=data.split_column,
+            group_column=data.group_column,
+            nodata=data.nodata,
+            dn_scale=data.dn_scale,
+            dn_offset=data.dn_offset,
+            # Without a fixed grid length every sample spans the table's dates (one grid).
+            common_range=data.grid_length is None,
+            **_split_options(data),
+        )
+        # Samples with an ignored label are left out by the reader: nothing to exclude here.
+        return Source(
+            name,
+            reader,
+            list(reader.classes),
+            "pimc",
+            samples_per_record=1,
+            same_day_merged=reader.same_day_merged,
+        )
     if name == "eurosat":
-        from pimc_dist.sources.eurosat import CLASSES, EuroSATSource
-
-        reader = EuroSATSource(
+        reader = eurosat.EuroSATSource(
             data.root,
             split=data.split,
             multispectral=data.eurosat_bands == "ms",
             band_order=data.eurosat_band_order,
             image_size=data.image_size,
         )
-        return Source(name, reader, list(CLASSES), "scene")
+        return Source(name, reader, list(eurosat.CLASSES), "scene")
     if name == "reben":
-        from pimc_dist.sources.reben import CLASSES, BigEarthNetV2Source
-
-        reader = BigEarthNetV2Source(
+        reader = reben.BigEarthNetV2Source(
             data.root,
             split=data.split,
             drop_snow_cloud=data.drop_snow_cloud,
@@ -143,17 +188,15 @@ def open_source(data: Any) -> Source:
             encoding=data.reben_encoding,
             resample=data.reben_resample,
         )
-        return Source(name, reader, list(CLASSES), "mosaic")
+        return Source(name, reader, list(reben.CLASSES), "mosaic")
     if name == "sen12ms":
-        from pimc_dist.sources.sen12ms import CLASSES, Sen12MSSource
-
-        reader = Sen12MSSource(
+        reader = sen12ms.Sen12MSSource(
             data.root,
             label_threshold=data.label_threshold,
             split=data.split,
             image_size=data.image_size,
         )
-        return Source(name, reader, list(CLASSES), "mosaic")
+        return Source(name, reader, list(sen12ms.CLASSES), "mosaic")
     raise ValueError(f"data.source: unknown source '{name}' (known: {', '.join(SOURCES)})")
 
 

@@ -12,7 +12,11 @@ for them) and the order in which they are interleaved:
 Files may be pixel-interleaved ((H, W, bands), PlanarConfiguration 1, as GDAL writes by
 default) or band-separate ((bands, H, W)); tifffile reads both. An image is decoded whole
 (memory-mapped when stored uncompressed), then cut into `patch_size` x `patch_size` patches,
-row by row. Edge patches are padded to full size by default: padded pixels hold `nodata`
+row by row. Dates need not be sorted, and two acquisitions of one day (two granules or
+orbits) are normal: each patch comes with one acquisition per day, the per-pixel mean of
+that day's valid observations (`base.merge_same_day`; `same_day_merged` counts them).
+Each patch belongs to a split: a seeded hash of its id (`base.hash_split`); `split` keeps
+the patches of one split only. Edge patches are padded to full size by default: padded pixels hold `nodata`
 (0 when `nodata` is None), are False in `valid`, and -1 in `labels`; `meta["height"]` and
 `meta["width"]` give the unpadded extent. With `pad_edges=False` edge patches are smaller.
 """
@@ -28,7 +32,16 @@ from typing import Any
 import numpy as np
 import tifffile
 
-from pimc_dist.sources.base import SourceError, TimeSeriesPatch
+from pimc_dist.sources.base import (
+    SourceError,
+    TimeSeriesPatch,
+    check_label_values,
+    hash_split,
+    merge_same_day,
+    same_day_count,
+    split_fractions,
+)
+from pimc_dist.sources.tiff_io import checked_tiff
 
 DATASET = "geotiff_stack"
 ORDERS = ("date_major", "band_major")
@@ -63,7 +76,7 @@ def _tiff_layout(path: Path) -> dict[str, Any]:
         raise SourceError(path, "missing")
     size = path.stat().st_size
     try:
-        with tifffile.TiffFile(path) as tif:
+        with checked_tiff(path) as tif:  # a cut-off page chain: "truncated", not "1 band"
             series = tif.series[0]
             shape, axes, dtype = tuple(series.shape), series.axes, np.dtype(series.dtype)
             for page in series.pages:
@@ -138,7 +151,11 @@ class GeoTiffStackSource:
     how they interleave. `patch_size` None yields each whole image as one patch. `nodata`
     marks a pixel-date invalid when all its bands equal it (or are NaN, in float files);
     None gives `valid=None` (except for padding). `label_path` (one
-    per image path) is an optional single-band class raster of the same size.
+    per image path) is an optional single-band class raster of the same size; with
+    `class_names`, a label value that is neither named (0..len-1) nor in `label_ignore`
+    raises `UnnamedLabelError` (which stops sharding) naming the value and the raster.
+    `split` (None = all) keeps the patches whose `hash_split(patch_id, split_seed,
+    hash_fractions)` is that split.
     Headers are checked up front; image data is decoded when a patch of that image is read.
     """
 
@@ -156,6 +173,11 @@ class GeoTiffStackSource:
         label_path: str | os.PathLike | Sequence[str | os.PathLike] | None = None,
         pad_edges: bool = True,
         dataset: str = DATASET,
+        class_names: Sequence[str] = (),
+        label_ignore: Sequence[int] = (),
+        split: str | None = None,
+        hash_fractions: dict[str, float] | None = None,
+        split_seed: int = 0,
     ) -> None:
         if order not in ORDERS:
             raise ValueError(f"order must be one of {ORDERS}, got {order!r}")
@@ -168,6 +190,16 @@ class GeoTiffStackSource:
         self.dates = [parse_date(d) for d in dates]
         if not self.band_names or not self.dates:
             raise ValueError("band_names and dates must not be empty")
+        self.class_names = [str(c) for c in class_names]
+        self.label_ignore = tuple(int(v) for v in label_ignore)
+        self.hash_fractions = split_fractions(hash_fractions)
+        self.split_seed = int(split_seed)
+        if split is not None and split not in self.hash_fractions:
+            raise ValueError(
+                f"split {split!r} is not one of the data.hash_split splits "
+                f"{sorted(self.hash_fractions)}"
+            )
+        self.split = split
         if len(set(self.band_names)) != len(self.band_names):
             raise ValueError(f"duplicate band names in {self.band_names}")
         self.order = order
@@ -224,17 +256,30 @@ class GeoTiffStackSource:
             for row in range(0, layout["height"], step_r):
                 for col in range(0, layout["width"], step_c):
                     self._windows.append((i, row, col))
+        self._splits = [self._split_of(self._window_id(w)) for w in self._windows]
+        if split is not None:
+            keep = [k for k, name in enumerate(self._splits) if name == split]
+            self._windows = [self._windows[k] for k in keep]
+            self._splits = [self._splits[k] for k in keep]
+        # Acquisitions merged into another of their day, over all stacks (printed once).
+        self.same_day_merged = same_day_count(self.dates) * len(self.paths)
         self._cache_index: int | None = None
         self._cache: tuple[np.ndarray, np.ndarray | None] | None = None
 
     def __len__(self) -> int:
         return len(self._windows)
 
-    def _patch_id(self, index: int) -> str:
-        i, row, col = self._windows[index]
+    def _window_id(self, window: tuple[int, int, int]) -> str:
+        i, row, col = window
         if self.patch_size is None:
             return self._names[i]
         return f"{self._names[i]}_r{row:05d}_c{col:05d}"
+
+    def _patch_id(self, index: int) -> str:
+        return self._window_id(self._windows[index])
+
+    def _split_of(self, patch_id: str) -> str:
+        return hash_split(patch_id, self.split_seed, self.hash_fractions)
 
     @property
     def patch_ids(self) -> list[str]:
@@ -290,6 +335,9 @@ class GeoTiffStackSource:
         labels = None
         if label_image is not None:
             labels = np.asarray(label_image[rows, cols]).astype(np.int64)
+            check_label_values(labels, self.class_names, self.label_ignore, self.label_paths[i])
+        merge = merge_same_day(bands, self.dates, valid)
+        bands, dates, valid = merge.bands, merge.dates, merge.valid
 
         out_h, out_w = height, width
         if self.patch_size is not None and self.pad_edges:
@@ -299,7 +347,7 @@ class GeoTiffStackSource:
             fill = 0 if self.nodata is None else self.nodata
             bands = np.pad(bands, ((0, 0), (0, 0), *pad), constant_values=fill)
             if valid is None:
-                valid = np.ones((n_dates, height, width), dtype=bool)
+                valid = np.ones((len(dates), height, width), dtype=bool)
             valid = np.pad(valid, ((0, 0), *pad), constant_values=False)
             if labels is not None:
                 labels = np.pad(labels, pad, constant_values=LABEL_PAD)
@@ -312,6 +360,7 @@ class GeoTiffStackSource:
             "width": width,
             "image_shape": (layout["height"], layout["width"]),
             "order": self.order,
+            "same_day_merged": merge.merged,
         }
         geo = _geo_of_window(layout["geo"], row, col)
         if geo is not None:
@@ -320,8 +369,9 @@ class GeoTiffStackSource:
             patch_id=self._patch_id(index),
             bands=bands,
             band_names=list(self.band_names),
-            dates=list(self.dates),
+            dates=dates,
             dataset=self.dataset,
+            split=self._splits[index],
             labels=labels,
             valid=valid,
             dn_scale=self.dn_scale,

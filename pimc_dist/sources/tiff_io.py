@@ -4,7 +4,9 @@ Readers return arrays as (bands, height, width) whatever the file's band
 interleave (pixel-interleaved "YXS" as GDAL writes by default, band-separate
 "SYX", or one page per band). Every failure becomes a `SourceError` naming the
 file: a truncated TIFF can otherwise come back from tifffile as a wrongly
-shaped array with only a logged warning.
+shaped array with only a logged warning. `checked_tiff` opens a TIFF so that
+what tifffile only logs (an IFD chain cut off, so a 16-band file reads as one
+band; a series that fails to reshape) raises "truncated or corrupt TIFF".
 
 `write_geotiff` writes the minimal GeoTIFF tags (ModelPixelScale,
 ModelTiepoint and a GeoKey directory with the EPSG code) so fixtures look like
@@ -13,7 +15,12 @@ the real files to any GeoTIFF reader.
 
 from __future__ import annotations
 
+import logging
 import os
+import re
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +36,41 @@ GT_MODEL_TYPE_KEY = 1024
 GT_RASTER_TYPE_KEY = 1025
 GEOGRAPHIC_TYPE_KEY = 2048
 PROJECTED_CS_TYPE_KEY = 3072
+
+
+class _ThreadErrors(logging.Handler):
+    """Collects the tifffile log records of level ERROR and above of one thread."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.ERROR)
+        self.thread = threading.get_ident()
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.thread == self.thread:
+            self.messages.append(record.getMessage())
+
+
+@contextmanager
+def checked_tiff(path: str | os.PathLike) -> Iterator[tifffile.TiffFile]:
+    """`tifffile.TiffFile(path)`, with the errors tifffile only logs raised as SourceError.
+
+    Every page is loaded before the body runs (a cut-off IFD chain shows there), and
+    errors tifffile logs within the body (a series that fails to reshape) raise
+    SourceError(path, "truncated or corrupt TIFF: ...") when it ends.
+    """
+    logger = logging.getLogger("tifffile")
+    errors = _ThreadErrors()
+    logger.addHandler(errors)
+    try:
+        with tifffile.TiffFile(path) as tif:
+            len(tif.pages)  # walks the whole IFD chain
+            yield tif
+    finally:
+        logger.removeHandler(errors)
+    if errors.messages:
+        detail = re.sub(r"^<[^>]*>\s*", "", errors.messages[0])  # "<tifffile.TiffPages @8> "
+        raise SourceError(Path(path), f"truncated or corrupt TIFF: {detail}")
 
 
 def tiff_shape(path: str | os.PathLike) -> tuple[int, int]:
@@ -49,9 +91,10 @@ def read_tiff(
     path = Path(path)
     if not path.is_file():
         raise SourceError(path, "file not found")
+    first_page_read = False
     try:
         file_size = path.stat().st_size
-        with tifffile.TiffFile(path) as tif:
+        with checked_tiff(path) as tif:
             if not tif.pages or not tif.series:
                 raise SourceError(path, "TIFF holds no image")
             for page in tif.pages:
@@ -61,13 +104,17 @@ def read_tiff(
                         path, f"truncated TIFF: data runs to byte {max(ends)}, file has {file_size}"
                     )
             first = tif.pages[0]
+            first_page_read = True
             series = tif.series[0]
             array = series.asarray()
             axes = series.axes
     except SourceError:
         raise
     except Exception as exc:  # tifffile raises many types (ValueError, TiffFileError, codec errors)
-        raise SourceError(path, f"unreadable TIFF ({type(exc).__name__}: {exc})") from exc
+        what = "unreadable TIFF"
+        if first_page_read:  # the header was fine: the image data is not
+            what = "truncated or corrupt TIFF, image data does not decode"
+        raise SourceError(path, f"{what} ({type(exc).__name__}: {exc})") from exc
 
     height, width = first.imagelength, first.imagewidth
     if array.ndim == 2:

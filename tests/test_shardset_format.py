@@ -272,6 +272,33 @@ def test_merge_manifest_combines_shards_of_separate_array_tasks(tmp_path):
     assert shardset.verify(tmp_path) == []
 
 
+def test_shared_json_values_are_stored_once_and_named_alike_by_separate_writers(tmp_path):
+    rng = np.random.default_rng(0)
+    samples = [make_sample(i, rng) for i in range(6)]
+    samples[4]["json"]["dates"] = [20190101]  # a second grid
+    task_a, task_b = (explicit_writer(tmp_path, meta_tables=("dates",)) for _ in range(2))
+    write_explicit(task_a, 0, samples[:3])
+    write_explicit(task_b, 1, samples[3:])
+    m = shardset.merge_manifest(tmp_path, expected_shards=2)
+    assert sorted(m.meta_tables["dates"].values()) == [[20180101, 20180111], [20190101]]
+    got = [
+        (raw["__key__"], raw["json"])
+        for path in m.shard_paths()
+        for raw in shardset.iter_shard_samples(path)
+    ]
+    for (key, data), sample in zip(got, samples, strict=True):
+        assert key == sample["__key__"] and b"2018" not in data  # only the id is in the tar
+        assert shardset.decode_meta(data, m) == sample["json"]
+    # An id that names two different values (it never happens by chance) is refused.
+    sidecar = tmp_path / "shard-000001.stats.json"
+    info = json.loads(sidecar.read_text())
+    for id_ in info["meta_tables"]["dates"]:
+        info["meta_tables"]["dates"][id_] = [1]
+    sidecar.write_text(json.dumps(info))
+    with pytest.raises(ShardError, match=r"shard-000001.tar: meta_tables.dates id \w+ names two"):
+        shardset.merge_manifest(tmp_path)
+
+
 def test_merge_manifest_refuses_shards_from_different_sources(tmp_path):
     rng = np.random.default_rng(0)
     write_explicit(explicit_writer(tmp_path), 0, [make_sample(0, rng)])
@@ -299,6 +326,8 @@ def test_merge_manifest_refuses_shards_from_different_sources(tmp_path):
             "key 'views.rsi.dtype' is not a numpy dtype",
         ),
         (lambda d: d.update(schema_version=7), "key 'schema_version' is 7"),
+        (lambda d: d.pop("meta_tables"), "key 'meta_tables' is missing"),
+        (lambda d: d["meta_tables"].update(dates=[1]), "key 'meta_tables.dates' must be a mapping"),
     ],
 )
 def test_read_manifest_names_file_and_key_of_a_bad_manifest(tmp_path, edit, message):
@@ -430,3 +459,64 @@ def test_reader_reads_tars_from_python_tarfile_with_long_names(tmp_path):
         got = list(shardset.iter_shard_samples(path))
         assert [g["__key__"] for g in got] == [long_key, "k2"]
         assert got[0]["x.npy"] == members[f"{long_key}.x.npy"] and got[1]["json"] == b"[1]"
+
+
+def with_meta(sample: dict, **meta) -> dict:
+    return {**sample, "json": {**sample["json"], **meta}}
+
+
+def test_the_manifest_counts_samples_per_split_across_shards_and_writers(tmp_path):
+    rng = np.random.default_rng(0)
+    splits = ["train"] * 7 + ["val"] * 3 + ["test"] * 2 + ["extra"]
+    samples = [with_meta(make_sample(i, rng), split=s) for i, s in enumerate(splits)]
+    samples.append(make_sample(99, rng))  # names no split
+    a, b = explicit_writer(tmp_path), explicit_writer(tmp_path)
+    write_explicit(a, 0, samples[:6])
+    write_explicit(b, 1, samples[6:])
+    b.close(manifest=False)
+    m = a.close()
+    assert m.split_counts == {"train": 7, "val": 3, "test": 2, "extra": 1, "other": 1}
+    assert m.fold_counts == {} and sum(m.split_counts.values()) == m.total_samples
+    assert shardset.read_manifest(tmp_path).split_counts == m.split_counts
+    assert m.split_summary() == "train 7, val 3, test 2, extra 1, other 1"
+
+
+@pytest.mark.parametrize(
+    "config, splits",
+    [
+        ({"source": "pastis", "fold_rotation": 0}, {"train": 9, "val": 3, "test": 3}),
+        ({"data": {"fold_rotation": 1}}, {"train": 9, "val": 3, "test": 3}),
+        ({}, {"other": 15}),  # no rotation known: the fold counts tell
+    ],
+)
+def test_pastis_samples_count_by_fold_mapped_with_the_sets_fold_rotation(tmp_path, config, splits):
+    rng = np.random.default_rng(0)
+    samples = [with_meta(make_sample(i, rng), fold=1 + i % 5, split=None) for i in range(15)]
+    with ShardSetWriter(tmp_path, max_samples=4, source="demo", classes=["a", "b", "c"]) as w:
+        for s in samples:
+            w.write(s)
+    m = shardset.merge_manifest(tmp_path, config=config)
+    assert m.split_counts == splits
+    assert m.fold_counts == {str(f): 3 for f in range(1, 6)}
+    assert m.split_summary().endswith("(folds 1: 3, 2: 3, 3: 3, 4: 3, 5: 3)")
+    # A sample that names its split counts by it, whatever its fold.
+    named = [with_meta(make_sample(i, rng), fold=5, split="train") for i in range(20, 22)]
+    with ShardSetWriter(tmp_path / "named", source="demo", classes=["a", "b", "c"]) as w:
+        for s in named:
+            w.write(s)
+    m = shardset.read_manifest(tmp_path / "named")
+    assert m.split_counts == {"train": 2} and m.fold_counts == {"5": 2}
+
+
+def test_a_manifest_without_split_counts_still_reads(tmp_path):
+    write_set(tmp_path, n=5)
+    path = tmp_path / "manifest.json"
+    data = json.loads(path.read_text())
+    data.pop("split_counts"), data.pop("fold_counts")
+    path.write_text(json.dumps(data))
+    m = shardset.read_manifest(tmp_path)
+    assert m.split_counts == {} and m.split_summary() == "splits not recorded"
+    data["split_counts"] = {"train": "many"}
+    path.write_text(json.dumps(data))
+    with pytest.raises(ShardError, match="key 'split_counts' must map names to sample counts"):
+        shardset.read_manifest(tmp_path)

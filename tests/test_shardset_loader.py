@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import logging
 import pickle
@@ -10,21 +11,37 @@ import sys
 import textwrap
 import time
 from collections import Counter
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from conftest import REPO
 from torch.utils.data import DataLoader
 
 from pimc_dist import config as config_lib
 from pimc_dist import shardset
-from pimc_dist.shardset import LoaderError, ShardError, ShardSetWriter, ShardStream
-from pimc_dist.shardset import loader as data
-
-REPO = Path(__file__).resolve().parents[1]
+from pimc_dist.shardset import (
+    BatchRing,
+    LoaderError,
+    MetaList,
+    RingBatch,
+    ShardError,
+    ShardSetWriter,
+    ShardStream,
+    build_loader,
+    dihedral,
+    exact_split,
+    resampled_tasks,
+)
+from pimc_dist.shardset.reader import seeded_rng
 
 VIEWS = ("rp", "series", "rsi")
+
+
+def grid_dates(patch: int, steps: int) -> list[str]:
+    """A patch's grid dates (patches start on different days, so a set has several grids)."""
+    start = dt.date(2019, 1, 1) + dt.timedelta(days=patch % 3)
+    return [(start + dt.timedelta(days=10 * k)).isoformat() for k in range(steps)]
 
 
 def pimc_sample(i: int, rng: np.random.Generator, steps: int = 12, rsi_dtype=np.int16) -> dict:
@@ -46,6 +63,7 @@ def pimc_sample(i: int, rng: np.random.Generator, steps: int = 12, rsi_dtype=np.
             "col": 0,
             "label": i % 5,
             "fold": 1,
+            "dates": grid_dates(i // 10, steps),
         },
     }
 
@@ -56,7 +74,9 @@ def write_pimc(
     """A shard set with the given number of samples per shard; returns the samples by key."""
     rng = np.random.default_rng(seed)
     samples = {}
-    writer = ShardSetWriter(out, source="demo", classes=[f"c{k}" for k in range(5)])
+    writer = ShardSetWriter(
+        out, source="demo", classes=[f"c{k}" for k in range(5)], meta_tables=("dates",)
+    )
     i = 0
     for index, size in enumerate(sizes):
         with writer.shard(index):
@@ -98,6 +118,42 @@ def test_round_trip_is_bit_exact_without_normalisation(tmp_path, rsi_dtype):
     assert sorted(keys_of(batches)) == sorted(samples)
 
 
+def test_meta_read_back_equals_what_was_written_dates_included(tmp_path):
+    samples = write_pimc(tmp_path, [20, 20, 8])
+    manifest = shardset.read_manifest(tmp_path)
+    # Each grid is stored once, in the manifest; a sample's JSON carries only its id.
+    assert sorted(manifest.meta_tables["dates"].values()) == sorted(
+        grid_dates(p, 12) for p in range(3)
+    )
+    raw = next(shardset.iter_shard_samples(manifest.shard_paths()[0]))
+    stored = json.loads(raw["json"])
+    assert stored["dates"] in manifest.meta_tables["dates"] and len(raw["json"]) < 150
+    assert shardset.decode_meta(raw["json"], manifest) == samples[raw["__key__"]]["json"]
+    # Through DataLoader workers (MetaList pickled with its part of the tables).
+    loader = build_loader(loader_cfg(tmp_path, "loader.workers=2"), train=False)
+    metas = [m for batch in loader for m in batch["meta"]]
+    loader.close()
+    assert len(metas) == len(samples)
+    for meta in metas:
+        assert meta == samples[f"p{meta['row']:05d}"]["json"]
+    metas[0]["dates"].append("x")  # each sample's list is its own
+    assert metas[1]["dates"] == samples[f"p{metas[1]['row']:05d}"]["json"]["dates"]
+
+
+def test_a_sample_naming_a_table_id_the_manifest_lacks_is_skipped(tmp_path, caplog):
+    write_pimc(tmp_path, [8])
+    path = tmp_path / "manifest.json"
+    info = json.loads(path.read_text())
+    info["meta_tables"]["dates"] = {}
+    path.write_text(json.dumps(info))
+    got = stream(tmp_path, batch_size=1, shuffle=False)
+    with caplog.at_level(logging.WARNING, logger="pimc_dist.shardset"):
+        with pytest.raises(LoaderError, match="no decodable sample"):
+            list(got)
+    assert got.stats.skipped["decode"] >= 8
+    assert "json: dates id" in caplog.text and "not in the manifest" in caplog.text
+
+
 def test_normalisation_uses_the_manifest_statistics(tmp_path):
     write_pimc(tmp_path, [16])
     manifest = shardset.read_manifest(tmp_path)
@@ -133,7 +189,7 @@ def test_exact_split_gives_every_worker_disjoint_whole_batches():
     per_rank = Counter()
     for rank in range(2):
         for worker in range(3):
-            n, tasks = data.exact_split(
+            n, tasks = exact_split(
                 paths,
                 counts,
                 rank=rank,
@@ -189,7 +245,7 @@ def test_resampled_streams_differ_per_rank_and_repeat_with_the_seed(tmp_path):
 
 
 def test_resampled_shard_draws_are_weighted_by_sample_count():
-    draws = data.resampled_tasks(["a", "b", "c", "d"], [10, 30, 0, 60], data._rng(0))
+    draws = resampled_tasks(["a", "b", "c", "d"], [10, 30, 0, 60], seeded_rng(0))
     counts = Counter(next(draws).path for _ in range(4000))
     assert counts["c"] == 0  # an empty shard is never drawn
     for path, share in (("a", 0.1), ("b", 0.3), ("d", 0.6)):
@@ -223,7 +279,7 @@ def test_corrupt_and_truncated_shards_are_skipped_counted_and_logged(tmp_path, c
     cut = tmp_path / "shard-000002.tar"
     cut.write_bytes(cut.read_bytes()[:9000])
     s = stream(tmp_path, normalize=False, views=["rsi"])
-    with caplog.at_level(logging.WARNING, logger="pimc_dist.shardset.loader"):
+    with caplog.at_level(logging.WARNING, logger="pimc_dist.shardset"):
         batches = list(s)
     assert len(batches) == 6  # the epoch still has its batch count (the good samples are re-read)
     stats = s.stats.as_dict()
@@ -262,7 +318,7 @@ def test_undecodable_samples_are_skipped_by_reason_and_the_run_goes_on(tmp_path,
         path, "p00005.rsi.npy", lambda b: b.replace(b"(4, 6, 6)", b"(6, 4, 6)")
     )  # wrong shape
     once = stream(tmp_path, shuffle=False, drop_last=False)
-    with caplog.at_level(logging.WARNING, logger="pimc_dist.shardset.loader"):
+    with caplog.at_level(logging.WARNING, logger="pimc_dist.shardset"):
         delivered = keys_of(once)
     assert once.stats.skipped == {"tar": 0, "missing": 1, "decode": 3, "shape": 1}
     bad = {"p00001", "p00002", "p00003", "p00004", "p00005"}
@@ -311,7 +367,7 @@ def test_augmentation_flips_aligned_views_together_and_never_the_plots(tmp_path,
         assert batch["labels"][j].tolist() == original["json"]["labels"]
         matches = []
         for k in range(8):
-            expected = {v: data.dihedral(original[f"{v}.npy"], k) for v in ("s2", "s1")}
+            expected = {v: dihedral(original[f"{v}.npy"], k) for v in ("s2", "s1")}
             expected["rp"] = original["rp.png"]  # never transformed
             if normalize:
                 for v, x in expected.items():
@@ -345,8 +401,24 @@ def test_uint16_dn_views_come_back_exactly_and_normalise_from_the_manifest(tmp_p
 
 def test_dihedral_covers_the_eight_symmetries_of_a_square():
     x = np.arange(9).reshape(1, 3, 3)
-    images = {data.dihedral(x, k).tobytes() for k in range(8)}
+    images = {np.ascontiguousarray(dihedral(x, k)).tobytes() for k in range(8)}
     assert len(images) == 8
+
+
+def test_dihedral_is_the_same_on_tensors_and_per_sample():
+    x = np.arange(5 * 2 * 4 * 4, dtype=np.int16).reshape(5, 2, 4, 4)
+    ks = [0, 3, 4, 7, 3]
+    for k in range(8):  # k % 4 counter-clockwise quarter turns after a left-right flip if k >= 4
+        expected = np.rot90(x[..., ::-1] if k >= 4 else x, k % 4, axes=(-2, -1))
+        np.testing.assert_array_equal(dihedral(x, k), expected)
+        np.testing.assert_array_equal(dihedral(torch.from_numpy(x), k).numpy(), expected)
+    for got in (dihedral(x, ks), dihedral(torch.from_numpy(x), torch.tensor(ks)).numpy()):
+        for i, k in enumerate(ks):
+            np.testing.assert_array_equal(got[i], dihedral(x[i], k))
+    oblong = np.zeros((2, 1, 3, 4))
+    assert dihedral(oblong, [4, 6]).shape == oblong.shape
+    with pytest.raises(ValueError, match="quarter turns of non-square"):
+        dihedral(oblong, [1, 0])
 
 
 def test_plots_made_on_the_fly_equal_the_recurrence_module(tmp_path):
@@ -367,7 +439,7 @@ def test_plots_made_on_the_fly_equal_the_recurrence_module(tmp_path):
             "loader.rp_on_the_fly=gpu",
         ],
     )
-    loader = data.build_loader(cfg, train=False)
+    loader = build_loader(cfg, train=False)
     moved = loader.to_device(next(iter(loader)), "cpu")  # all 16 samples, in shard order
     mean, std = (v[None, :, None, None] for v in loader.stream.builder.norm["rp"])
     all_series = np.stack([samples[k]["series.npy"] for k in sorted(samples)]).astype(np.float32)
@@ -389,7 +461,7 @@ def test_build_loader_from_config_with_workers_counters_and_epochs(tmp_path):
             "train.batch_size=8",
         ],
     )
-    loader = data.build_loader(cfg, rank=1, world_size=2)
+    loader = build_loader(cfg, rank=1, world_size=2)
     assert len(loader) == loader.batches_per_epoch == 4
     epoch0 = [b for b in loader]
     loader.set_epoch(0)
@@ -424,7 +496,7 @@ def test_build_loader_refuses_a_shard_set_that_disagrees_with_its_manifest(tmp_p
     (tmp_path / "shard-000002.tar").write_bytes(bytes(raw))
     cfg = loader_cfg(tmp_path, "loader.verify=sha256", "loader.workers=0")
     with pytest.raises(ShardError) as err:  # 2 of 3 shards: more than max_excluded_fraction
-        data.build_loader(cfg)
+        build_loader(cfg)
     message = str(err.value)
     assert "2 of 3 shard(s) disagree with manifest.json (loader.verify=sha256)" in message
     assert "holding 16 of 24 samples" in message and "loader.max_excluded_fraction=0.1" in message
@@ -432,7 +504,7 @@ def test_build_loader_refuses_a_shard_set_that_disagrees_with_its_manifest(tmp_p
     assert "shard-000002.tar: sha256" in message
     # With the size check alone the changed byte goes unseen; the missing shard is still named.
     with pytest.raises(ShardError, match="shard-000001.tar: listed in manifest.json but missing"):
-        data.build_loader(loader_cfg(tmp_path, "loader.workers=0"))
+        build_loader(loader_cfg(tmp_path, "loader.workers=0"))
 
 
 def test_build_loader_leaves_out_a_truncated_shard_and_ranks_keep_equal_batch_counts(
@@ -445,8 +517,8 @@ def test_build_loader_leaves_out_a_truncated_shard_and_ranks_keep_equal_batch_co
     cfg = loader_cfg(tmp_path, "loader.resampled=false")  # default verify=size, 2 workers
     seen, lengths = [], []
     for rank in range(2):
-        with caplog.at_level(logging.WARNING, logger="pimc_dist.shardset.loader"):
-            loader = data.build_loader(cfg, rank=rank, world_size=2)
+        with caplog.at_level(logging.WARNING, logger="pimc_dist.shardset"):
+            loader = build_loader(cfg, rank=rank, world_size=2)
         batches = list(loader)
         lengths.append((len(batches), loader.batches_per_epoch))
         seen.append(keys_of(batches))
@@ -459,9 +531,9 @@ def test_build_loader_leaves_out_a_truncated_shard_and_ranks_keep_equal_batch_co
     assert "1 of 10 shard(s) disagree" in caplog.text and "left out of this run" in caplog.text
     # Strict: no shard may be left out.
     with pytest.raises(ShardError, match="more than loader.max_excluded_fraction=0.0"):
-        data.build_loader(loader_cfg(tmp_path, "loader.max_excluded_fraction=0"))
+        build_loader(loader_cfg(tmp_path, "loader.max_excluded_fraction=0"))
     # The default resampled stream never draws it either.
-    resampled = data.build_loader(loader_cfg(tmp_path, "loader.workers=0"))
+    resampled = build_loader(loader_cfg(tmp_path, "loader.workers=0"))
     batches = iter(resampled)
     assert not set(keys_of(next(batches) for _ in range(20))) & lost
     assert resampled.stats.skipped["tar"] == 0
@@ -476,8 +548,8 @@ def test_a_rank_whose_whole_range_is_a_damaged_shard_tops_up_from_the_others(tmp
     cfg = loader_cfg(tmp_path, "loader.resampled=false", "loader.workers=0")
     counts, refills = [], []
     for rank in range(2):
-        loader = data.build_loader(cfg, rank=rank, world_size=2)
-        with caplog.at_level(logging.WARNING, logger="pimc_dist.shardset.loader"):
+        loader = build_loader(cfg, rank=rank, world_size=2)
+        with caplog.at_level(logging.WARNING, logger="pimc_dist.shardset"):
             keys = keys_of(loader)
         counts.append(len(keys) // 8)
         assert set(keys) <= {f"p{i:05d}" for i in range(16)} <= set(samples)
@@ -490,11 +562,17 @@ def test_a_rank_whose_whole_range_is_a_damaged_shard_tops_up_from_the_others(tmp
 def test_loader_refuses_shards_of_an_older_schema_naming_the_manifest(tmp_path):
     write_pimc(tmp_path, [8])
     path = tmp_path / "manifest.json"
-    path.write_text(path.read_text().replace('"schema_version": 2', '"schema_version": 1'))
-    with pytest.raises(ShardError, match=r"manifest.json: key 'schema_version' is 1, this code "):
-        data.build_loader(loader_cfg(tmp_path, "loader.workers=0"))
+    # The previous schema (2): dates in every sample's JSON, no metadata tables.
+    old = json.loads(path.read_text())
+    old.pop("meta_tables")
+    path.write_text(json.dumps({**old, "schema_version": shardset.SCHEMA_VERSION - 1}))
+    previous = shardset.SCHEMA_VERSION - 1
+    with pytest.raises(
+        ShardError, match=rf"manifest.json: key 'schema_version' is {previous}, this code "
+    ):
+        build_loader(loader_cfg(tmp_path, "loader.workers=0"))
     with pytest.raises(ShardError, match=r"shard it again \(python -m pimc_dist.shard\)"):
-        data.build_loader(loader_cfg(tmp_path, "loader.workers=0"))
+        build_loader(loader_cfg(tmp_path, "loader.workers=0"))
 
 
 def test_loader_errors_name_the_problem(tmp_path):
@@ -554,11 +632,11 @@ def test_workers_deliver_through_the_ring_exactly_what_one_process_builds(tmp_pa
             tmp_path, f"loader.workers={workers}", f"loader.normalize={normalize}", views
         )
 
-    inline = by_key(data.build_loader(cfg(0), train=False))
-    loader = data.build_loader(cfg(2), train=False)
+    inline = by_key(build_loader(cfg(0), train=False))
+    loader = build_loader(cfg(2), train=False)
     assert loader.stream.ring is not None and loader.stream.ring.workers == 2
     batches = list(loader)
-    assert all(isinstance(b["meta"], data.MetaList) for b in batches)
+    assert all(isinstance(b["meta"], MetaList) for b in batches)
     through = by_key(batches)
     assert sorted(through) == sorted(inline) == sorted(samples)
     for key, sample in through.items():
@@ -575,9 +653,11 @@ def test_without_room_in_shared_memory_the_loader_runs_without_a_ring(
     tmp_path, monkeypatch, caplog
 ):
     samples = write_pimc(tmp_path, [13, 11])
-    monkeypatch.setattr(data, "shared_memory_free", lambda path="/dev/shm": 1024)
-    with caplog.at_level("WARNING", logger="pimc_dist.shardset.loader"):
-        loader = data.build_loader(
+    monkeypatch.setattr(
+        "pimc_dist.shardset.loader.shared_memory_free", lambda path="/dev/shm": 1024
+    )
+    with caplog.at_level("WARNING", logger="pimc_dist.shardset"):
+        loader = build_loader(
             loader_cfg(tmp_path, "loader.workers=1", "loader.normalize=false"), train=False
         )
     assert loader.stream.ring is None
@@ -595,10 +675,10 @@ def test_a_process_that_exits_with_its_loader_alive_does_not_hang(tmp_path):
     script = textwrap.dedent(
         f"""
         from pimc_dist import config
-        from pimc_dist.shardset import loader as data
+        from pimc_dist.shardset import build_loader
         cfg = config.load(None, ["loader.shards={tmp_path}", "loader.views=[rp,rsi]",
                                  "train.batch_size=8", "loader.workers=2"])
-        LOADER = data.build_loader(cfg, train=True)  # resampled: endless
+        LOADER = build_loader(cfg, train=True)  # resampled: endless
         batches = iter(LOADER)
         next(batches)
         print("got a batch", flush=True)
@@ -614,17 +694,17 @@ def test_a_worker_whose_ring_is_full_builds_batches_in_new_memory_and_nothing_is
     tmp_path,
 ):
     samples = write_pimc(tmp_path, [40])
-    loader = data.build_loader(
+    loader = build_loader(
         loader_cfg(tmp_path, "loader.workers=1", "loader.normalize=false"), train=False
     )
     stream = loader.stream
-    ring = stream.ring = data.BatchRing(stream.ring.buffers[0][0].numel(), workers=1, slots=1)
+    ring = stream.ring = BatchRing(stream.ring.buffers[0][0].numel(), workers=1, slots=1)
     kinds, batches = [], []
     for i, item in enumerate(loader.dataloader):
         if i == 0:
             time.sleep(1.0)  # slot 0 stays taken while the worker builds the next batches
         kinds.append(type(item).__name__)
-        if isinstance(item, data.RingBatch):
+        if isinstance(item, RingBatch):
             item = ring.take(item, stream.builder.layout(item.n), pin=False)
         batches.append(item)
     assert kinds[0] == "RingBatch" and "dict" in kinds and len(batches) == 5
@@ -635,7 +715,7 @@ def test_a_worker_whose_ring_is_full_builds_batches_in_new_memory_and_nothing_is
 
 def test_batch_ring_hands_out_slots_in_turn_and_only_when_free():
     layout = {"x": ((4, 3), np.dtype(np.float32)), "y": ((4,), np.dtype(np.int16))}
-    ring = data.BatchRing(128, workers=1, slots=2)
+    ring = BatchRing(128, workers=1, slots=2)
     assert [ring.acquire(0, layout), ring.acquire(0, layout), ring.acquire(0, layout)] == [
         0,
         1,
@@ -649,7 +729,7 @@ def test_batch_ring_hands_out_slots_in_turn_and_only_when_free():
     arrays = ring.arrays(0, 1, layout)
     arrays["x"][:] = 1.5
     arrays["y"][:] = 7
-    batch = ring.take(data.RingBatch(0, 1, 4, {"label": np.arange(4)}), layout, pin=False)
+    batch = ring.take(RingBatch(0, 1, 4, {"label": np.arange(4)}), layout, pin=False)
     arrays["x"][:] = 0  # the slot is reused; the trainer's copy is its own
     assert batch["x"].tolist() == [[1.5] * 3] * 4 and batch["y"].tolist() == [7] * 4
     assert batch["label"].tolist() == [0, 1, 2, 3]
@@ -660,9 +740,70 @@ def test_meta_list_parses_on_first_use_pickles_as_raw_bytes_and_torch_leaves_it_
     from torch.utils.data._utils.pin_memory import pin_memory
 
     raw = [b'{"label": 1, "dates": ["2020-01-01"]}', b' {"label": 2} ']
-    metas = data.MetaList(raw)
+    metas = MetaList(raw)
     copy = pickle.loads(pickle.dumps(metas))
     assert copy._items is None and copy._raw == raw  # sent as bytes, not parsed
     assert len(copy) == 2 and copy[1] == {"label": 2} and copy[:1] == [json.loads(raw[0])]
     assert [m["label"] for m in copy] == [1, 2]
     assert default_convert(metas) is metas and pin_memory(metas) is metas
+
+
+def flip_middle(path, n: int = 1024) -> None:
+    """Invert `n` bytes in the middle of a file (same size: loader.verify=size cannot see it)."""
+    raw = bytearray(path.read_bytes())
+    mid = len(raw) // 2
+    raw[mid : mid + n] = bytes(b ^ 0xFF for b in raw[mid : mid + n])
+    path.write_bytes(bytes(raw))
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_shard_with_flipped_bytes_is_left_out_after_its_first_loss_not_read_every_pass(
+    tmp_path, caplog, workers
+):
+    write_pimc(tmp_path, [64, 64, 64, 64])
+    bad = tmp_path / "shard-000001.tar"
+    flip_middle(bad)
+    cfg = loader_cfg(tmp_path, "loader.resampled=false", f"loader.workers={workers}")
+    with caplog.at_level(logging.WARNING, logger="pimc_dist.shardset"):
+        loader = build_loader(cfg)  # verify=size: same size, so not left out at start-up
+        assert loader.counters()["data/shards_excluded"] == 0
+        per_epoch = []
+        for _ in range(4):
+            keys = keys_of(loader)
+            assert len(keys) == loader.batches_per_epoch * 8 == 256  # epochs keep their length
+            per_epoch.append(loader.counters()["data/skipped_tar"])
+    lost_once = per_epoch[0]
+    assert 0 < lost_once < 64  # the samples after the flipped bytes, in the first pass only
+    assert per_epoch == [lost_once] * 4  # then the shard is no longer read
+    assert loader.counters()["data/shards_excluded"] == 1  # both workers learnt it
+    if workers:
+        return  # the warning is logged by a worker process, out of caplog's reach
+    warnings = [r.getMessage() for r in caplog.records if "left out for the rest" in r.getMessage()]
+    assert len(warnings) == 1 and str(bad) in warnings[0]
+    assert f"lost {lost_once} of 64 samples" in warnings[0]
+    assert "loader.max_shard_loss_fraction=0.05" in warnings[0]
+    # Evaluation leaves nothing out: each pass reads every sample it can and counts each loss.
+    evaluation = shardset.open_loader(tmp_path, views=["rsi"], batch_size=8, train=False)
+    assert len(keys_of(evaluation)) == len(keys_of(evaluation)) == 256 - lost_once - 1
+    assert evaluation.counters()["data/shards_excluded"] == 0
+    assert evaluation.stats.skipped["tar"] == 2 * lost_once
+
+
+def test_a_shard_losing_a_few_samples_stays_and_resampled_draws_skip_an_excluded_one(tmp_path):
+    write_pimc(tmp_path, [64, 64, 64])
+    patch_member(tmp_path / "shard-000000.tar", "p00003.json", lambda b: b"!" + b[1:])
+    flip_middle(tmp_path / "shard-000002.tar")
+    loader = build_loader(loader_cfg(tmp_path, "loader.workers=0"))  # resampled
+    batches = iter(loader)
+    keys = keys_of(next(batches) for _ in range(60))  # ~20 draws of each shard
+    skipped = loader.counters()
+    assert skipped["data/shards_excluded"] == 1  # shard 2; shard 0 loses 1 of 64 per pass
+    assert skipped["data/skipped_tar"] < 64 and skipped["data/skipped_decode"] >= 2
+    from_bad = [k for k in keys if int(k[1:]) >= 128]
+    assert len(from_bad) == len(set(from_bad)) < 64  # its good samples were read once
+    # With the limit at 1 no shard is ever left out.
+    keep = build_loader(loader_cfg(tmp_path, "loader.workers=0", "loader.max_shard_loss_fraction=1"))
+    batches = iter(keep)
+    for _ in range(60):
+        next(batches)
+    assert keep.counters()["data/shards_excluded"] == 0 and keep.stats.skipped["tar"] > 64
