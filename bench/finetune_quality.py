@@ -32,7 +32,7 @@ sys.path.insert(0, str(REPO))
 
 from pimc_dist import config as config_lib  # noqa: E402
 from pimc_dist import shard  # noqa: E402
-from pimc_dist.eval import finetune
+from pimc_dist.eval import finetune  # noqa: E402
 from pimc_dist.sources.fixtures import write_pastis  # noqa: E402
 
 FT = REPO / "configs" / "finetune"

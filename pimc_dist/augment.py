@@ -16,8 +16,10 @@ and the noise then take `mean`/`std` so that their parameters keep their physica
 `ViewAugmenter` chains them per view from the job config's `augment.<view>.*`
 (`config.ViewAugmentConfig`); pretraining draws MoSAiC's two augmentations of each
 modality with `ViewAugmenter.pair` on the training device, where they cost least (the
-loader's workers would otherwise build and ship two copies of every crop). A view with no
-`augment.<view>` entry gets flips and rotations only (what MoSAiC drew before).
+loader's workers would otherwise build and ship two copies of every crop; on one CPU thread
+the mosaic.yaml settings cost about as much per sample as five times the loader's own work,
+bench/loader.py). A view with no `augment.<view>` entry gets flips and rotations only (what
+MoSAiC drew before).
 """
 
 from __future__ import annotations
@@ -56,7 +58,11 @@ def random_dihedral(x: torch.Tensor, generator: torch.Generator | None = None) -
 
 
 def _uniform(
-    shape: tuple[int, ...], lo: float, hi: float, generator: torch.Generator | None, like: torch.Tensor
+    shape: tuple[int, ...],
+    lo: float,
+    hi: float,
+    generator: torch.Generator | None,
+    like: torch.Tensor,
 ) -> torch.Tensor:
     """U(lo, hi) float32 numbers on `like`'s device, from `generator` (on its own device) if given."""
     device = like.device if generator is None else generator.device
@@ -118,7 +124,9 @@ def _band_shape(x: torch.Tensor) -> tuple[int, ...]:
 
 
 def _per_band(values: Any, x: torch.Tensor) -> torch.Tensor:
-    return torch.as_tensor(np.asarray(values, np.float32), device=x.device).view(_band_shape(x))
+    if not torch.is_tensor(values):
+        values = torch.as_tensor(np.asarray(values, np.float32))
+    return values.to(x.device, torch.float32).view(_band_shape(x))
 
 
 def band_jitter(
@@ -224,6 +232,7 @@ class ViewAugmenter:
     ):
         self.views = dict(views or {})
         self.norm = dict(norm or {})
+        self._norm_on: dict[tuple[str, torch.device], Norm] = {}  # norm as tensors per device
 
     @classmethod
     def from_config(cls, cfg: Any, norm: Mapping[str, Norm] | None = None) -> ViewAugmenter:
@@ -234,7 +243,15 @@ class ViewAugmenter:
     def __call__(
         self, view: str, x: torch.Tensor, generator: torch.Generator | None = None
     ) -> torch.Tensor:
-        return self.views.get(view, ViewAugment()).apply(x, generator, self.norm.get(view))
+        norm = self.norm.get(view)
+        if norm is not None:
+            key = (view, x.device)
+            if key not in self._norm_on:  # one copy to the device, not one per batch
+                self._norm_on[key] = tuple(
+                    torch.as_tensor(np.asarray(v, np.float32)).to(x.device) for v in norm
+                )
+            norm = self._norm_on[key]
+        return self.views.get(view, ViewAugment()).apply(x, generator, norm)
 
     def pair(
         self, view: str, x: torch.Tensor, generator: torch.Generator | None = None

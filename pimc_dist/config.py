@@ -146,11 +146,12 @@ class ViewAugmentConfig:
 class ViewModelConfig:
     """The encoder of one view; None means "not set" (the encoder's own default)."""
 
-    encoder: str | None = (
-        None  # resnet18 | resnet50 | vit_{tiny,small,base,large,huge,giant}[_p<N>]
-    )
-    in_chans: int | None = None
+    # resnet18 | resnet50 | vit_{tiny,small,base,large,huge,giant}[_p<N>]; for the series
+    # view a 1D encoder: cnn1d_small | resnet1d18 (models/series.py)
+    encoder: str | None = None
+    in_chans: int | None = None  # series: the number of indices (3, or 1 for NDVI alone)
     img_size: int | None = None
+    seq_len: int | None = None  # 1D encoders (instead of img_size): the series grid length
     patch_size: int | None = None  # ViT only
     share: str | None = None  # reuse this other view's whole tower
     share_encoder: str | None = None  # reuse only its encoder, with an own head
@@ -274,7 +275,7 @@ class LaunchConfig:
 class FinetuneConfig:
     """Downstream evaluation of pretrained encoders (pimc_dist/finetune.py, pimc_dist/tasks.py)."""
 
-    # pastis_forecast | pastis_pixel_cls | eurosat_cls | reben_multilabel | sen12ms_multilabel
+    # pastis_forecast | pixel_cls | pastis_pixel_cls | eurosat_cls | reben_multilabel | sen12ms_multilabel
     task: str = "pastis_pixel_cls"
     # linear: frozen encoder, features cached, a grid of linear heads (probe_lrs) in one pass;
     # finetune: the whole model through DeepSpeed (train.lr, train.batch_size, ...);
@@ -290,12 +291,12 @@ class FinetuneConfig:
     # Input view -> band names to keep, in this order (to match a pretrained encoder's bands).
     input_bands: dict[str, list[str]] = field(default_factory=dict)
     # Shard sets per split; None = loader.shards. Every sample's split comes from its JSON
-    # (PASTIS: fold + fold_rotation; others: "split"; neither: a hash of the sample key).
+    # (PASTIS: fold + fold_rotation; others: "split"; neither: the sharder's hash of its
+    # group, with the data.hash_split / data.split_seed recorded in the set's manifest).
     train_shards: str | None = None
     val_shards: str | None = None
     test_shards: str | None = None
     fold_rotation: int = 0
-    hash_split: list[float] = field(default_factory=lambda: [0.6, 0.2, 0.2])
     label_fraction: float = 1.0  # share of the training split with labels (see loss.label_seed)
     max_samples_per_split: int | None = None  # cap (seeded random subset); None = all
     probe_lrs: list[float] = field(default_factory=lambda: [1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0])
@@ -314,6 +315,9 @@ class FinetuneConfig:
     # series level); none: they predict the values themselves.
     forecast_anchor: str = "last"
     save_heads: bool = True
+    # Run even if the checkpoint's pretraining saw val/test samples scored here (the leak
+    # guard, pimc_dist/eval/leakage.py); the overlap is recorded in result.json and every row.
+    allow_pretrain_overlap: bool = False
 
 
 @dataclass
@@ -425,8 +429,17 @@ def load(
             cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([item]))
         except OmegaConfBaseException as exc:
             raise _error(exc, f"command line override '{item}'") from exc
+        except yaml.YAMLError as exc:  # e.g. an unclosed list: loader.views=[rp,rsi
+            key = item.split("=", 1)[0]
+            why = " ".join(str(getattr(exc, "problem", None) or exc).split())
+            raise ConfigError(
+                f"command line override '{item}': invalid key '{key}': not valid YAML ({why})"
+            ) from None
     origin = str(path) if path is not None else "defaults"
-    missing = sorted(OmegaConf.missing_keys(cfg))
+    try:
+        missing = sorted(OmegaConf.missing_keys(cfg))
+    except OmegaConfBaseException as exc:  # an interpolation to a key that is not there
+        raise _error(exc, origin) from None
     if missing:
         raise ConfigError(f"{origin}: missing required value(s): {', '.join(missing)}")
     try:
@@ -512,11 +525,36 @@ def check_run_folder(
     for key in keys:
         a, b = (OmegaConf.select(c, key) for c in (old, cfg))
         if a != b:
+            differ = "; ".join(_differences(key, a, b))
             raise ConfigError(
-                f"invalid key 'train.run_dir': {run_dir} already holds a different run ({key}: "
-                f"{a} there, {b} now); choose another train.run_dir or name=, or delete the "
-                "folder to start over"
+                f"invalid key 'train.run_dir': {run_dir} already holds a different run "
+                f"({differ}); choose another train.run_dir or name=, or delete the folder to "
+                "start over"
             )
+
+
+def _differences(key: str, a: Any, b: Any, limit: int = 6) -> list[str]:
+    """'<dotted key>: <there> there, <now> now' for each leaf in which `a` and `b` differ."""
+    plain = [OmegaConf.to_container(v) if isinstance(v, DictConfig) else v for v in (a, b)]
+
+    def leaves(value: Any, prefix: str) -> dict[str, Any]:
+        if isinstance(value, dict) and value:
+            out: dict[str, Any] = {}
+            for k, v in value.items():
+                out.update(leaves(v, f"{prefix}.{k}"))
+            return out
+        return {prefix: value}
+
+    there, now = (leaves(v, key) for v in plain)
+    missing = object()
+    lines = [
+        f"{k}: {there.get(k, '(not set)')} there, {now.get(k, '(not set)')} now"
+        for k in sorted(set(there) | set(now))
+        if there.get(k, missing) != now.get(k, missing)
+    ]
+    if len(lines) > limit:
+        lines = [*lines[:limit], f"and {len(lines) - limit} more"]
+    return lines or [f"{key}: {a} there, {b} now"]
 
 
 def with_updates(cfg: DictConfig, updates: dict[str, Any]) -> DictConfig:

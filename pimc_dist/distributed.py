@@ -413,14 +413,23 @@ def _forget_deepspeed_groups() -> None:
 # Stop requests
 
 STOP_SIGNALS: tuple[signal.Signals, ...] = (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM)
+# The stop signals that ask for a requeue (Slurm's and submitit's warning before the time
+# limit or a preemption); SIGTERM and SIGINT (Ctrl-C) only stop: nothing requeues the job.
+REQUEUE_SIGNALS: tuple[signal.Signals, ...] = (signal.SIGUSR1, signal.SIGUSR2)
+# Every signal a job may handle as a stop request, in the order of the agreement vector.
+_AGREED_ORDER: tuple[signal.Signals, ...] = (*STOP_SIGNALS, signal.SIGINT)
 
 _received: list[int] = []  # signal numbers received, in order
+_agreed: list[int] = []  # the union over ranks of _received, at the last collective poll
+_stop_step: list[int] = []  # the step a stopped run saved its checkpoint at (record_stop)
 _previous: dict[int, Any] = {}  # handler that was installed before ours, per signal
 
 
 def _on_stop_signal(signum: int, frame: FrameType | None) -> None:
     # Only record: the training loop saves a checkpoint at its next step boundary.
     # Calling submitit's handler here would requeue and exit in the middle of a step.
+    if signum == signal.SIGINT and signal.SIGINT in _received:
+        raise KeyboardInterrupt  # a second Ctrl-C: stop now, without a checkpoint
     _received.append(signum)
 
 
@@ -461,15 +470,45 @@ def request_stop(signum: int = signal.SIGUSR1) -> None:
 def clear_stop_request() -> None:
     """Forget received stop signals (after they were acted on)."""
     _received.clear()
+    _agreed.clear()
+    _stop_step.clear()
 
 
 def any_rank_stop_requested() -> bool:
-    """True on every rank when any rank received a stop signal (a collective: call on all ranks)."""
+    """True on every rank when any rank received a stop signal (a collective: call on all ranks).
+
+    Also agrees on which signals arrived, on any rank (`job_stop_signals`), so that every rank
+    takes the same decision (requeue or not) after one rank alone was signalled."""
     if not is_initialized():
+        _agreed[:] = sorted(set(_received))
         return stop_requested()
-    flag = torch.tensor([1 if _received else 0], dtype=torch.int32, device=collective_device())
+    flags = [1 if _received else 0] + [1 if s in _received else 0 for s in _AGREED_ORDER]
+    flag = torch.tensor(flags, dtype=torch.int32, device=collective_device())
     dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    return bool(flag.item())
+    values = flag.tolist()
+    _agreed[:] = [int(s) for s, on in zip(_AGREED_ORDER, values[1:], strict=True) if on]
+    return bool(values[0])
+
+
+def job_stop_signals() -> list[int]:
+    """The stop signals any rank received, as agreed at the last `any_rank_stop_requested`
+    (this process's own before any such poll)."""
+    return list(_agreed) if _agreed else sorted(set(_received))
+
+
+def requeue_requested() -> bool:
+    """Whether the job's stop asks for a requeue (a requeue signal reached some rank)."""
+    return any(s in REQUEUE_SIGNALS for s in job_stop_signals())
+
+
+def record_stop(step: int) -> None:
+    """Note the step at which a stopped run saved its checkpoint (the launcher reports it)."""
+    _stop_step[:] = [int(step)]
+
+
+def stopped_at_step() -> int | None:
+    """The step `record_stop` noted, or None."""
+    return _stop_step[0] if _stop_step else None
 
 
 def previous_handler(sig: int) -> Any:
@@ -495,6 +534,7 @@ def free_port() -> int:
 
 __all__ = [
     "REQUEUE_EXIT_CODE",
+    "REQUEUE_SIGNALS",
     "STOP_SIGNALS",
     "DistEnv",
     "any_rank_stop_requested",
@@ -515,6 +555,10 @@ __all__ = [
     "install_stop_handlers",
     "is_initialized",
     "is_main",
+    "job_stop_signals",
+    "record_stop",
+    "requeue_requested",
+    "stopped_at_step",
     "port_from_job_id",
     "previous_handler",
     "request_stop",

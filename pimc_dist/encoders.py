@@ -48,23 +48,28 @@ class EncoderInput:
 
     view: str
     channels: int
-    size: int
+    size: int  # the image side; for a 1D series encoder the series length (inputs (N, C, T))
     mean: tuple[float, ...] | None
     std: tuple[float, ...] | None
     stored_as: str | None = None
+    series: bool = False  # a 1D series encoder's input: (N, channels, size) index series
 
     def normalize(self, x: np.ndarray | torch.Tensor) -> torch.Tensor:
-        """float32 (x - mean) / std per channel of a (N, C, H, W) batch, as the training loader."""
+        """float32 (x - mean) / std per channel of a (N, C, H, W) batch (a series view:
+        (N, C, T)), as the training loader."""
         t = torch.as_tensor(np.asarray(x) if not isinstance(x, torch.Tensor) else x)
-        if t.ndim != 4 or t.shape[1] != self.channels:
+        ndim = 3 if self.series else 4
+        if t.ndim != ndim or t.shape[1] != self.channels:
+            shape = "T" if ndim == 3 else "H, W"
             raise ValueError(
-                f"view {self.view!r} takes (N, {self.channels}, H, W) inputs, got {tuple(t.shape)}"
+                f"view {self.view!r} takes (N, {self.channels}, {shape}) inputs, got {tuple(t.shape)}"
             )
         t = t.to(torch.float32)
         if self.mean is None or self.std is None:
             return t
-        mean = torch.tensor(self.mean, dtype=torch.float32, device=t.device).view(1, -1, 1, 1)
-        std = torch.tensor(self.std, dtype=torch.float32, device=t.device).view(1, -1, 1, 1)
+        shape = (1, -1) + (1,) * (t.ndim - 2)
+        mean = torch.tensor(self.mean, dtype=torch.float32, device=t.device).view(shape)
+        std = torch.tensor(self.std, dtype=torch.float32, device=t.device).view(shape)
         return (t - mean) / std
 
 
@@ -199,7 +204,8 @@ def load_encoder(
     spec_input = EncoderInput(
         view=view,
         channels=int(spec["in_chans"]),
-        size=int(spec["img_size"]),
+        size=int(spec.get("img_size") or spec["seq_len"]),
+        series="seq_len" in spec and "img_size" not in spec,
         mean=mean,
         std=std,
         stored_as=stored,

@@ -204,8 +204,12 @@ def latest_tag(ckpt_dir: str | os.PathLike) -> str | None:
         raise CheckpointError(
             f"{path}: points to '{tag}' but {Path(ckpt_dir) / tag / CLIENT_STATE} is missing; "
             "the checkpoint folder was edited by hand or copied incompletely"
+            + older_checkpoint_hint(ckpt_dir, tag)
         )
     return tag
+
+
+_CLIENT_KEYS = ("step", "samples_seen", "data_epoch", "world_size", "rng", "config")
 
 
 def read_client_state(ckpt_dir: str | os.PathLike, tag: str) -> dict[str, Any]:
@@ -214,13 +218,51 @@ def read_client_state(ckpt_dir: str | os.PathLike, tag: str) -> dict[str, Any]:
     try:
         state = json.loads(path.read_text())
     except FileNotFoundError as exc:
-        raise CheckpointError(f"{path}: missing") from exc
+        raise CheckpointError(f"{path}: missing" + older_checkpoint_hint(ckpt_dir, tag)) from exc
     except json.JSONDecodeError as exc:
-        raise CheckpointError(f"{path}: not valid JSON (truncated?): {exc}") from exc
-    for key in ("step", "samples_seen", "data_epoch", "world_size", "rng", "config"):
+        raise CheckpointError(
+            f"{path}: not valid JSON (truncated?): {exc}" + older_checkpoint_hint(ckpt_dir, tag)
+        ) from exc
+    for key in _CLIENT_KEYS:
         if key not in state:
-            raise CheckpointError(f"{path}: missing key '{key}'")
+            raise CheckpointError(
+                f"{path}: missing key '{key}'" + older_checkpoint_hint(ckpt_dir, tag)
+            )
     return state
+
+
+def older_checkpoint_hint(ckpt_dir: str | os.PathLike, damaged: str) -> str:
+    """For the message of a damaged checkpoint `damaged`: the newest older checkpoint that
+    looks complete (a valid client state, state files that are not empty) and how to resume
+    from it; "" when there is none."""
+    ckpt_dir = Path(ckpt_dir)
+    match = re.fullmatch(r"step(\d+)", damaged or "")
+    limit = int(match[1]) if match else None
+    candidates = []
+    for folder in ckpt_dir.glob("step*"):
+        found = re.fullmatch(r"step(\d+)", folder.name)
+        if not found or folder.name == damaged or (limit is not None and int(found[1]) >= limit):
+            continue
+        try:
+            state = json.loads((folder / CLIENT_STATE).read_text())
+        except (OSError, ValueError):
+            continue
+        files = list(folder.glob("*.pt"))
+        if (
+            all(k in state for k in _CLIENT_KEYS)
+            and files
+            and all(f.stat().st_size > 0 for f in files)
+        ):
+            candidates.append((int(found[1]), folder.name))
+    if not candidates:
+        return "; no older complete checkpoint is there: delete the folder to start over"
+    step, tag = max(candidates)
+    return (
+        f". An older checkpoint looks intact: {ckpt_dir / tag} (step {step}). To resume from "
+        f"it, move the damaged one aside and point {LATEST} at it: "
+        f"mv {ckpt_dir / damaged} {ckpt_dir / damaged}.damaged && "
+        f"echo {tag} > {ckpt_dir / LATEST}; then rerun the same command"
+    )
 
 
 # The only non-tensor classes DeepSpeed 0.19 pickles into its checkpoint files (ZeRO
@@ -466,6 +508,7 @@ class Engine:
             except _READ_ERRORS as exc:
                 raise CheckpointError(
                     f"{self.ckpt_dir / tag}: cannot load checkpoint: {exc}"
+                    + older_checkpoint_hint(self.ckpt_dir, tag.removesuffix(UNIVERSAL_SUFFIX))
                 ) from exc
         if path is None:
             raise CheckpointError(f"{self.ckpt_dir / tag}: DeepSpeed found no checkpoint to load")

@@ -21,10 +21,17 @@ checkpoint and returns `REQUEUE_EXIT_CODE`; `EntryJob` then hands over to
 submitit's handler on rank 0, which calls `checkpoint()` (a resubmission, or
 None after `launch.max_requeues` requeues) and requeues the job. The requeued
 job runs `main(cfg)` again, which resumes from the latest checkpoint.
+
+The ranks agree on which signals arrived (on any rank) when they stop, so they take one
+decision. SIGTERM and Ctrl-C (SIGINT, a job module with `STOPS_ON_SIGNAL = True`) requeue
+nothing: every rank returns a `Stopped` result, and `wait_for` reports "stopped at step N,
+checkpoint saved; rerun the same command to resume" with exit status 128 + the signal.
+Ctrl-C on `launch --wait` of a local job stops it that way (`stop_local_job`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import re
@@ -33,6 +40,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -43,7 +51,7 @@ import submitit
 import torch
 from omegaconf import DictConfig
 from submitit import LocalExecutor, SlurmExecutor
-from submitit.core.utils import pickle_load
+from submitit.core.utils import FailedJobError, pickle_load
 
 from pimc_dist import config, distributed
 from pimc_dist.distributed import REQUEUE_EXIT_CODE
@@ -69,6 +77,27 @@ PACKAGE_ROOT = Path(__file__).resolve().parent.parent
 
 class LaunchError(RuntimeError):
     """The job cannot be submitted as asked (bad flags, missing Slurm, unknown job kind)."""
+
+
+@dataclass(frozen=True)
+class Stopped:
+    """A task's result when its job stopped on a signal that asks for no requeue (SIGTERM,
+    Ctrl-C): it saved a checkpoint at `step` and exited; rerunning the command resumes."""
+
+    rank: int
+    step: int | None
+    signals: tuple[str, ...]
+
+    def describe(self) -> str:
+        at = f"at step {self.step}" if self.step is not None else "at a step boundary"
+        on = ", ".join(self.signals) or "a signal"
+        return f"stopped {at} on {on}, checkpoint saved; rerun the same command to resume"
+
+
+def handles_stops(main: Callable[..., Any]) -> bool:
+    """Whether a job's main stops at a step boundary on SIGTERM/SIGINT, saving a checkpoint
+    (its module sets `STOPS_ON_SIGNAL = True`); other jobs are simply ended by Ctrl-C."""
+    return bool(getattr(sys.modules.get(main.__module__), "STOPS_ON_SIGNAL", False))
 
 
 # ---------------------------------------------------------------------------
@@ -110,32 +139,40 @@ class EntryJob:
             flush=True,
         )
         # After submitit's own handlers, so that ours defer its requeue to a step boundary.
-        distributed.install_stop_handlers()
+        # A job that stops at step boundaries takes Ctrl-C (SIGINT) as a stop request too.
+        extra = (signal.SIGINT,) if handles_stops(self.main) else ()
+        distributed.install_stop_handlers((*distributed.STOP_SIGNALS, *extra))
         code = int(self.main(cfg) or 0)
         if code == REQUEUE_EXIT_CODE:
-            self._requeue_after_stop(env.rank, cfg)
-            return code
+            return self._after_stop(env.rank, cfg)
         if code != 0:
             raise RuntimeError(
                 f"{self.main.__module__}.main exited with status {code} on rank {env.rank}"
             )
         return 0
 
-    def _requeue_after_stop(self, rank: int, cfg: DictConfig) -> None:
-        """main() saved a checkpoint and stopped on a signal: requeue on rank 0 if it asked for it."""
-        received = distributed.stop_signals()
-        names = ", ".join(signal.Signals(s).name for s in received) or "none"
-        wants_requeue = any(s in (signal.SIGUSR1, signal.SIGUSR2) for s in received)
+    def _after_stop(self, rank: int, cfg: DictConfig) -> Any:
+        """main() saved a checkpoint and stopped on a signal. Every rank sees the same signals
+        (agreed over ranks when they stopped): a requeue signal makes rank 0 requeue the job;
+        SIGTERM or Ctrl-C alone requeue nothing, and each rank returns a `Stopped` result."""
+        received = distributed.job_stop_signals()
+        names = tuple(signal.Signals(s).name for s in received)
+        step = distributed.stopped_at_step()
+        at = f" at step {step}" if step is not None else ""
+        if not distributed.requeue_requested():
+            # SIGTERM/SIGINT: a local stop (nothing requeues a local job), or Slurm itself
+            # ending (scancel) or requeueing (scontrol requeue, preemption) this job.
+            stopped = Stopped(rank, step, names)
+            print(f"[launch] rank {rank} {stopped.describe()}", flush=True)
+            return stopped
         if rank != 0:
-            print(f"[launch] rank {rank} stopped (signals: {names}); rank 0 requeues", flush=True)
-            return
-        if not wants_requeue:
-            # SIGTERM alone: Slurm itself is ending (cancel) or requeueing (scontrol
-            # requeue, preemption) this job; there is nothing to add.
-            print(f"[launch] stopped on {names} after saving a checkpoint", flush=True)
-            return
+            print(
+                f"[launch] rank {rank} stopped{at} (signals: {', '.join(names)}); rank 0 requeues",
+                flush=True,
+            )
+            return REQUEUE_EXIT_CODE
         print(
-            f"[launch] stopped on {names} after saving a checkpoint; requeueing "
+            f"[launch] stopped{at} on {', '.join(names)} after saving a checkpoint; requeueing "
             f"({self.requeues}/{cfg.launch.max_requeues} requeues so far)",
             flush=True,
         )
@@ -147,6 +184,7 @@ class EntryJob:
                 f"cannot requeue: no submitit handler for {signal.Signals(usr_sig).name}; "
                 "resubmit the same command to resume from the latest checkpoint"
             )
+        return REQUEUE_EXIT_CODE
 
     def checkpoint(self, *args: Any, **kwargs: Any) -> Any:
         """Called by submitit on requeue: this job again (it resumes), or None past the cap."""
@@ -403,6 +441,7 @@ class Submitted:
     config_path: Path
     folder: Path
     job: Any  # the submitit Job
+    graceful: bool = False  # its ranks stop at a step boundary on SIGTERM/Ctrl-C (handles_stops)
 
     def log_path(self, rank: int = 0) -> Path:
         return self.folder / f"{self.job_id}_{rank}_log.out"
@@ -430,7 +469,18 @@ def submit(cfg: DictConfig, job: EntryJob, cluster: str) -> Submitted:
         # A port known free now, rather than one derived from the local job id (a pid),
         # which can land on a port another process on this machine holds.
         os.environ["MASTER_PORT"] = str(distributed.free_port())
-    submitted = executor.submit(job)
+    try:
+        if cluster == "local" and handles_stops(job.main):
+            # Ctrl-C reaches the whole terminal process group. submitit's local controller
+            # would die of it and SIGKILL the ranks mid-step; it ignores SIGINT instead (an
+            # ignored signal stays ignored across fork and exec), the ranks take it as a
+            # stop request, and `stop_local_job` stops them as SIGTERM does.
+            with _sigint_ignored():
+                submitted = executor.submit(job)
+        else:
+            submitted = executor.submit(job)
+    except FailedJobError as exc:  # sbatch refused the job (e.g. no such GPU resource)
+        raise LaunchError(_sbatch_refusal(cfg, str(exc))) from None
     folder = Path(str(job_folder(cfg)).replace("%j", str(submitted.job_id)))
     return Submitted(
         kind=kind,
@@ -441,6 +491,56 @@ def submit(cfg: DictConfig, job: EntryJob, cluster: str) -> Submitted:
         config_path=config_path,
         folder=folder,
         job=submitted,
+        graceful=handles_stops(job.main),
+    )
+
+
+@contextlib.contextmanager
+def _sigint_ignored() -> Any:
+    """SIGINT ignored in this process meanwhile (children started now inherit that)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def stop_local_job(sub: Submitted) -> bool:
+    """Stop a local job as SIGTERM does (each rank saves a checkpoint at its next step, then
+    exits): SIGTERM to submitit's controller, which passes it on to the ranks. False if the
+    job does not stop that way (its ranks were ended with the controller by Ctrl-C)."""
+    process = getattr(sub.job, "_process", None)
+    if sub.cluster != "local" or not sub.graceful or process is None or process.poll() is not None:
+        return False
+    process.send_signal(signal.SIGTERM)
+    return True
+
+
+def _sbatch_refusal(cfg: DictConfig, message: str) -> str:
+    """One line for a submission sbatch refused, naming the launch key it most likely is."""
+    lines = [line.strip() for line in message.splitlines() if line.strip()]
+    said = next((line for line in lines if "error" in line.lower()), lines[-1] if lines else "")
+    low = message.lower()
+    if "generic resource" in low or "gres" in low:
+        key = "launch.gpus_per_node"
+        hint = (
+            f"{cfg.launch.gpus_per_node} GPU(s) per node asked for, but the partition "
+            f"({cfg.launch.partition or 'default'}) has no such GPUs; use --gpus-per-node 0 "
+            "for CPU ranks or pick a GPU partition with --partition"
+        )
+    elif "partition" in low:
+        key, hint = "launch.partition", "pick a partition that exists (sinfo lists them)"
+    elif "account" in low or "qos" in low:
+        key, hint = "launch.account", "check --account and --qos (sacctmgr show assoc user=$USER)"
+    elif "time limit" in low:
+        key, hint = "launch.time", "ask for less time than the partition's limit"
+    else:
+        key, hint = "launch", "check the launch.* settings (--dry-run prints the sbatch script)"
+    return (
+        f"sbatch refused the job, nothing submitted: invalid key '{key}': {hint} (sbatch: {said})"
     )
 
 
@@ -525,6 +625,7 @@ def wait_for(sub: Submitted, poll_s: float = 1.0) -> int:
             literal.rmdir()
     outcomes = task_outcomes(sub)
     failed = [r for r, (kind, _) in enumerate(outcomes) if kind != "success"]
+    stopped = [v for kind, v in outcomes if kind == "success" and isinstance(v, Stopped)]
     if sub.cluster == "slurm" and info is not None:
         code, _, sig = info.get("ExitCode", "0:0").partition(":")
         status = int(code) or (128 + int(sig) if sig.isdigit() and int(sig) else 0)
@@ -538,6 +639,13 @@ def wait_for(sub: Submitted, poll_s: float = 1.0) -> int:
             print(f"--- rank {rank} failed:\n{str(detail)[-3000:]}", file=sys.stderr)
         elif status:
             print(f"--- rank {rank} left no result; see {sub.log_path(rank)}", file=sys.stderr)
+    if stopped:
+        # No requeue follows (SIGTERM, Ctrl-C): the run is unfinished, whatever the state.
+        first = stopped[0]
+        sig = first.signals[0] if first.signals else "SIGTERM"
+        status = status or 128 + int(getattr(signal.Signals, sig, signal.SIGTERM))
+        print(f"[launch] job {sub.job_id} {first.describe()} (exit status {status})")
+        return status
     print(f"[launch] job {sub.job_id} ended: {state}, exit status {status}")
     return status
 

@@ -23,8 +23,18 @@ from types import ModuleType
 
 from omegaconf import DictConfig
 
-from pimc_dist import config, diagnose, jobs, pretrain, quickstart, shard, sweep, tracking
-from pimc_dist.eval import finetune
+from pimc_dist import (
+    checks,
+    config,
+    diagnose,
+    finetune,  # the runner: its check_config adds the leak guard (pimc_dist/eval/leakage.py)
+    jobs,
+    pretrain,
+    quickstart,
+    shard,
+    sweep,
+    tracking,
+)
 from pimc_dist.jobs import SLURM_ONLY_KEYS, EntryJob, LaunchError
 
 # Job kind -> module whose `main(cfg: DictConfig) -> int` runs on every task.
@@ -44,7 +54,9 @@ TRACKED_KINDS = ("pretrain", "finetune", "sweep")
 
 
 def precheck(kind: str, cfg: DictConfig) -> None:
-    """Run the job module's own `check_config(cfg)`, if it has one, before anything is submitted."""
+    """The config check every job shares (`checks.check_values`), then the job module's own
+    `check_config(cfg)`, if it has one, before anything is submitted."""
+    checks.check_values(cfg)
     check = getattr(KINDS[kind], "check_config", None)
     if not callable(check):
         return
@@ -186,11 +198,40 @@ def main(argv: list[str] | None = None) -> int:
     try:
         code = jobs.wait_for(sub)
     except KeyboardInterrupt:
-        print(f"\n[launch] stopped following; job {sub.job_id} keeps running", file=sys.stderr)
-        return 130
+        code = _interrupted(sub)
     if tracked:
         print(f"  W&B:        {jobs.describe_wandb(cfg, sub.run_dir)}")
     return code
+
+
+def _interrupted(sub: jobs.Submitted) -> int:
+    """Ctrl-C while following. A local job that stops at step boundaries is stopped as SIGTERM
+    stops it (checkpoint, then exit) and followed to its end; a second Ctrl-C stops following.
+    Other local jobs end with the terminal's Ctrl-C; a Slurm job keeps running."""
+    if sub.cluster == "slurm":
+        print(
+            f"\n[launch] stopped following; Slurm job {sub.job_id} keeps running "
+            f"(scancel {sub.job_id} stops it)",
+            file=sys.stderr,
+        )
+        return 130
+    if not jobs.stop_local_job(sub):
+        print(f"\n[launch] Ctrl-C: local job {sub.job_id} interrupted", file=sys.stderr)
+        return 130
+    print(
+        f"\n[launch] Ctrl-C: stopping job {sub.job_id}: each rank saves a checkpoint at its next "
+        "step, then exits (Ctrl-C again to stop at once, without one)",
+        file=sys.stderr,
+        flush=True,
+    )
+    try:
+        code = jobs.wait_for(sub)
+    except KeyboardInterrupt:
+        print(
+            f"\n[launch] stopped following; job {sub.job_id} may still be stopping", file=sys.stderr
+        )
+        return 130
+    return 130 if code else 0  # 0: it had finished before it could stop
 
 
 def _dry_run(cfg: DictConfig, kind: str, cluster: str) -> int:

@@ -97,15 +97,18 @@ def peak_memory_bytes(fn: Callable[[], Any]) -> int:
 def random_batch(cfg: Any, batch: int, seed: int = 0) -> dict[str, torch.Tensor]:
     """A batch of random inputs with the shapes of the job's views (and labels for MoSAiC)."""
     gen = torch.Generator().manual_seed(seed)
-    views = ("rp", "rsi") if cfg.method == "pimc" else ("s2", "s1")
+    views = pretrain.pimc_views(cfg.model.views) if cfg.method == "pimc" else ("s2", "s1")
     out = {}
     for view in views:
         spec = cfg.model.views[view]
         owner = spec
         while owner.get("share") or owner.get("share_encoder"):
             owner = cfg.model.views[owner.share or owner.share_encoder]
-        size = int(spec.img_size or owner.img_size)
         chans = int(spec.in_chans or owner.in_chans)
+        if owner.get("seq_len"):  # a 1D series encoder: (C, T)
+            out[view] = torch.randn(batch, chans, int(owner.seq_len), generator=gen)
+            continue
+        size = int(spec.img_size or owner.img_size)
         out[view] = torch.randn(batch, chans, size, size, generator=gen)
     if cfg.method == "mosaic":
         classes = len(cfg.data.get("classes") or []) or 19

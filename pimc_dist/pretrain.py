@@ -27,8 +27,8 @@ import torch
 from omegaconf import OmegaConf
 from safetensors.torch import save_file
 
+from pimc_dist import checks, distributed, losses, models, run_lock, shardset
 from pimc_dist import config as config_lib
-from pimc_dist import distributed, losses, models, run_lock, shardset
 from pimc_dist.augment import ViewAugmenter
 from pimc_dist.engine import (
     UNIVERSAL_SUFFIX,
@@ -51,9 +51,20 @@ from pimc_dist.tracking import Tracker
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12}
 
 
+# On SIGTERM/SIGUSR1/2 (and Ctrl-C under the launcher) it saves a checkpoint at the next step
+# boundary and exits; pimc_dist.jobs reads this to stop a local run as SIGTERM does on Ctrl-C.
+STOPS_ON_SIGNAL = True
+
 # The settings that make a pretraining what it is: a run folder that holds one with other
 # values is refused (resuming it would mix two runs); others may change on a resume.
-RUN_IDENTITY = ("method", "model", "loss.name", "data.shard_dir")
+RUN_IDENTITY = (
+    "method",
+    "model",
+    "loss.name",
+    "loss.label_fraction",
+    "loss.label_seed",
+    "data.shard_dir",
+)
 
 
 class TrainingError(RuntimeError):
@@ -99,6 +110,13 @@ def build_model(cfg: Any) -> torch.nn.Module:
     return models.compile_encoders(model) if cfg.train.compile else model
 
 
+def pimc_views(views: Any) -> tuple[str, str]:
+    """PIMC's two contrasted views among `views` (names): the plots and the crop ("rp",
+    "rsi"), or, with no crop view, the plots and the raw series ("rp", "series": point
+    tables, stacks without a useful crop; configs/pretrain/pimc_series.yaml)."""
+    return ("rp", "series") if "series" in views and "rsi" not in views else ("rp", "rsi")
+
+
 def compute_loss(
     model: torch.nn.Module,
     loss_fn: torch.nn.Module,
@@ -109,11 +127,13 @@ def compute_loss(
     """Forward both views and the contrastive loss; returns (loss, named terms).
     `augment` draws MoSAiC's two augmentations per modality (default: flips/rotations)."""
     if method == "pimc":
-        out = model({"rp": batch["rp"], "rsi": batch["rsi"]})
+        # The model's views decide the pair (the DeepSpeed engine wraps it as .module).
+        a, b = pimc_views(getattr(getattr(model, "module", model), "views", batch))
+        out = model({a: batch[a], b: batch[b]})
         if "logit_bias" in out:  # SigLIP
-            loss = loss_fn(out["rp"], out["rsi"], out["logit_scale"], out["logit_bias"])
+            loss = loss_fn(out[a], out[b], out["logit_scale"], out["logit_bias"])
         else:
-            loss = loss_fn(out["rp"], out["rsi"], out["logit_scale"])
+            loss = loss_fn(out[a], out[b], out["logit_scale"])
         return loss, {}
     if method == "mosaic":
         # Two augmentations of each modality in one forward per encoder.
@@ -149,6 +169,8 @@ def hide_unlabelled(batch: dict[str, Any], fraction: float, seed: int) -> dict[s
 
 def check_config(cfg: Any) -> None:
     """Checks that need no data or GPU; the launcher runs them before submitting."""
+    checks.check_values(cfg)
+    checks.check_no_data_config(cfg, "pretraining")
     if cfg.method not in ("pimc", "mosaic"):
         raise config_lib.ConfigError(f"method: unknown method '{cfg.method}' (pimc, mosaic)")
     if cfg.loss.name not in ("clip", "siglip", "mosaic"):
@@ -159,19 +181,16 @@ def check_config(cfg: Any) -> None:
         raise config_lib.ConfigError(
             f"loss.name: '{cfg.loss.name}' does not fit method '{cfg.method}'"
         )
-    if not 0.0 < float(cfg.loss.label_fraction) <= 1.0:
-        raise config_lib.ConfigError(
-            f"loss.label_fraction: {cfg.loss.label_fraction} is not in (0, 1]"
-        )
     if float(cfg.loss.label_fraction) < 1.0 and cfg.loss.name != "mosaic":
         raise config_lib.ConfigError(
             f"loss.label_fraction: only the mosaic loss reads labels, not '{cfg.loss.name}'"
         )
-    needed = {"pimc": {"rp", "rsi"}, "mosaic": {"s2", "s1"}}[cfg.method]
+    needed = {"pimc": set(pimc_views(cfg.model.views)), "mosaic": {"s2", "s1"}}[cfg.method]
     missing = needed - set(cfg.model.views)
     if missing:
         raise config_lib.ConfigError(
             f"model.views: method {cfg.method} needs views {sorted(missing)}"
+            + (" (without crops: rp and series)" if cfg.method == "pimc" else "")
         )
     _check_model(cfg)
     absent = needed - set(cfg.loader.views)
@@ -179,12 +198,7 @@ def check_config(cfg: Any) -> None:
         raise config_lib.ConfigError(
             f"loader.views: method {cfg.method} needs views {sorted(absent)}"
         )
-    manifest = Path(cfg.loader.shards) / "manifest.json"
-    if not manifest.is_file():
-        raise config_lib.ConfigError(
-            f"loader.shards: no shards found at {cfg.loader.shards} (no manifest.json); make them with "
-            f"`python -m pimc_dist.shard --config <your data or pretrain YAML>` (data.shard_dir={cfg.data.shard_dir})"
-        )
+    checks.check_shards(cfg)  # the manifest parses; method, views, channels and sizes fit
     # Before the launcher rewrites config.yaml.
     config_lib.check_run_folder(cfg, Path(cfg.train.run_dir), RUN_IDENTITY)
 
@@ -368,7 +382,6 @@ def _train(cfg: Any, env: distributed.DistEnv) -> int:
     if cfg.train.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
 
-
     model = build_model(cfg)
     train_flops = flops_per_sample(cfg, model)
     if rank == 0:
@@ -530,8 +543,10 @@ def _train(cfg: Any, env: distributed.DistEnv) -> int:
             if distributed.any_rank_stop_requested():
                 if saved_step != step:
                     save()
+                distributed.record_stop(step)
                 if rank == 0:
-                    print(f"stop requested: saved checkpoint at step {step}; exiting for requeue")
+                    then = "exiting for requeue" if distributed.requeue_requested() else "exiting"
+                    print(f"stop requested: saved checkpoint at step {step}; {then}", flush=True)
                 exit_code = distributed.REQUEUE_EXIT_CODE
                 break
             if not stepped:
@@ -637,15 +652,16 @@ def cli(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         cfg = config_lib.load(args.config, args.overrides)
+        check_config(cfg)  # pimc_dist.checks: values, views, shards; exit 2 naming the key
     except config_lib.ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     try:
         return main(cfg)
-    except run_lock.RunFolderError as exc:  # in use by another job, or metrics to keep
+    except (run_lock.RunFolderError, config_lib.ConfigError) as exc:  # folder in use, or refused
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except (TrainingError, CheckpointError, ShardError, config_lib.ConfigError) as exc:
+    except (TrainingError, CheckpointError, ShardError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
 

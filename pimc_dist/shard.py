@@ -27,14 +27,18 @@ How a run proceeds:
 
 Bad input (decided policy): the reader's checks name the file and the problem.
 A dataset that cannot be opened at all (missing root, metadata or listed file)
-fails before any work. A patch that fails to read (truncated, wrong shape or
-dtype, unreadable image) or yields no sample is skipped: `skipped.json` lists
+fails before any work; of several GeoTIFF stacks (a glob), one that cannot be
+read is skipped and listed as one input, within `data.max_skipped_fraction`.
+A patch that fails to read (truncated, wrong shape or dtype, unreadable image)
+or yields no sample is skipped: `skipped.json` lists
 it with a reason starting "patch skipped"; pixels with no valid observation are
 never sampled and listed per patch ("pixels skipped"). If more than
 `data.max_skipped_fraction` of the patches are skipped, or no sample is left at
 all, the set is refused: no manifest, exit status 1 and a message that points
 at `skipped.json`. Fix the files and rerun with `--retry-skipped`, or accept the
-losses with `data.max_skipped_fraction=1`.
+losses with `data.max_skipped_fraction=1`. A plan under which no sample was
+written (every patch skipped, e.g. for a config mistake) binds nothing: a rerun
+with the corrected config replaces it.
 """
 
 from __future__ import annotations
@@ -53,6 +57,7 @@ from typing import Any
 
 import numba
 
+from pimc_dist import checks
 from pimc_dist import config as config_lib
 from pimc_dist import samples as samples_lib
 from pimc_dist.distributed import detect_env
@@ -95,7 +100,8 @@ EXAMPLES = """examples:
 
 
 def check_config(cfg: Any) -> None:
-    """What the launcher checks before submitting a shard job: the `data` section."""
+    """What the launcher checks before submitting a shard job: value ranges, the `data` section."""
+    checks.check_values(cfg)
     check_data(cfg.data)
 
 
@@ -376,8 +382,10 @@ def _finish_set(cfg: Any, source: Any, plan: ShardPlan, out: Path) -> Any:
         example = f"\n  e.g. patch {first['key']}: {first['reason']}" if first else ""
         raise ShardError(
             f"{out}: {problem}; no manifest written. Reasons per patch in {report}.{example}\n"
-            "  Fix the inputs and rerun with --retry-skipped (complete shards are kept), or "
-            "accept the losses with data.max_skipped_fraction=1."
+            "  Fix the inputs and rerun with --retry-skipped (complete shards are kept); after "
+            "a config mistake that left no sample, just rerun with the corrected config (a "
+            "plan under which nothing was written binds nothing); or accept the losses with "
+            "data.max_skipped_fraction=1."
         )
     return manifest
 
@@ -407,6 +415,8 @@ def run(cfg: Any, *, retry_skipped: bool = False, plan_only: bool = False) -> Ru
             f"{source.name}: {source.same_day_merged} same-day acquisitions merged into another "
             "of their day (per pixel, the mean of that day's valid observations)"
         )
+    for why in getattr(source.reader, "unreadable", ()):
+        print(f"{PATCH_SKIP} (unreadable input, listed in {REPORT_NAME}): {why}")
     out = Path(cfg.data.shard_dir)
     plan = load_or_create_plan(cfg.data, source, out)
     rank, world = _launch_rank()
@@ -518,7 +528,7 @@ def cli(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         cfg = config_lib.load(args.config, args.overrides)
-        check_data(cfg.data)
+        check_config(cfg)
     except config_lib.ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

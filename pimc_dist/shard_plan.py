@@ -268,6 +268,15 @@ def load_or_create_plan(data: Any, source: Any, out: Path) -> ShardPlan:
             tmp.unlink(missing_ok=True)
     stored = _read_plan(path)
     wanted = _new_plan(data, source, ids, identity_only=True).identity()
+    if stored.identity() != wanted and _holds_no_sample(out):
+        # Nothing was made under that plan (every patch skipped, e.g. for a config mistake
+        # such as band_names without B08): it binds nothing; this config plans afresh.
+        print(
+            f"{path}: planned with another config ({_config_keys(stored, wanted)}) under which "
+            "no sample was written; discarding it and its empty shards, planning anew"
+        )
+        _discard_empty_set(out)
+        return load_or_create_plan(data, source, out)
     if stored.identity() != wanted:
         differ = [k for k in wanted if stored.identity()[k] != wanted[k]]
         if "config" in differ:
@@ -282,6 +291,39 @@ def load_or_create_plan(data: Any, source: Any, out: Path) -> ShardPlan:
             "rerun with the same settings, or write to a new data.shard_dir"
         )
     return stored
+
+
+def _config_keys(stored: ShardPlan, wanted: dict[str, Any]) -> str:
+    """The data.* keys (or plan fields) in which a stored plan differs from the wanted one."""
+    keys = sorted(
+        f"data.{k}"
+        for k in set(wanted["config"]) | set(stored.config)
+        if wanted["config"].get(k) != stored.config.get(k)
+    )
+    keys += [k for k in wanted if k != "config" and stored.identity()[k] != wanted[k]]
+    return ", ".join(keys) or "?"
+
+
+def _holds_no_sample(out: Path) -> bool:
+    """True when the set's folder holds no manifest and no shard with a sample in it."""
+    if (out / "manifest.json").exists():
+        return False
+    for sidecar in out.glob("shard-*.stats.json"):
+        try:
+            if int(json.loads(sidecar.read_text()).get("samples", 1)) > 0:
+                return False
+        except (OSError, ValueError, TypeError):
+            return False
+    sidecars = {p.name.removesuffix(".stats.json") for p in out.glob("shard-*.stats.json")}
+    # A shard file without a sidecar cannot be told empty: keep the plan binding.
+    return all(p.name.removesuffix(".tar") in sidecars for p in out.glob("shard-*.tar"))
+
+
+def _discard_empty_set(out: Path) -> None:
+    """Remove a plan, its empty shards, their sidecars and the skip report."""
+    for pattern in ("shard-*.tar", "shard-*.stats.json", "skipped.json", PLAN_NAME):
+        for item in out.glob(pattern):
+            item.unlink(missing_ok=True)
 
 
 def task_range(data: Any, plan: ShardPlan, rank: int = 0, world: int = 1) -> list[int]:

@@ -64,7 +64,7 @@ from omegaconf import DictConfig, OmegaConf
 from pimc_dist import config as config_lib
 from pimc_dist import jobs, tracking, viz
 from pimc_dist.config import quote
-from pimc_dist.eval import finetune
+from pimc_dist.eval import finetune, leakage
 from pimc_dist.eval.results import ERROR_FILE, read_result, result_rows, write_tables
 from pimc_dist.files import write_json_atomic
 from pimc_dist.jobs import EntryJob
@@ -452,11 +452,17 @@ def check_config(cfg: Any) -> None:
         raise config_lib.ConfigError("invalid key 'sweep.parallelism': must be at least 1")
     check_sweep_folder(cfg)
     tracking.check_wandb(cfg)
+    warned: set[str] = set()  # the leak guard's warnings, once each (cells share checkpoints)
     for cell in expand_grid(cfg):
         try:
-            finetune.check_config(cell_config(cfg, cell))
+            cell_cfg = cell_config(cfg, cell)
+            finetune.check_config(cell_cfg)
+            # No leaking cell is submitted (eval/leakage.py; listings are cached across cells).
+            leakage.enforce(cell_cfg, leakage.pretrain_overlap(cell_cfg), warned.add)
         except config_lib.ConfigError as exc:
             raise config_lib.ConfigError(f"sweep cell {cell.id}: {exc}") from None
+    for line in sorted(warned):
+        print(f"[sweep] {line}")
 
 
 def check_sweep_folder(cfg: Any) -> None:

@@ -17,6 +17,7 @@ from pathlib import Path
 from pimc_dist import distributed
 
 STEP_S = 0.25
+STOPS_ON_SIGNAL = True  # as pimc_dist.pretrain: Ctrl-C under the launcher is a stop request
 
 
 def main(cfg) -> int:
@@ -43,6 +44,7 @@ def main(cfg) -> int:
                     tmp.write_text(json.dumps({"step": step + 1}))
                     os.replace(tmp, ckpt)
                     print(f"loop_entry: stop requested, checkpoint at step {step + 1}", flush=True)
+                distributed.record_stop(step + 1)
                 distributed.barrier()
                 return distributed.REQUEUE_EXIT_CODE
         if env.rank == 0:

@@ -140,3 +140,12 @@ def test_draws_repeat_with_the_generator_and_keep_a_bf16_dtype():
     assert torch.equal(a, b)
     half = MOSAIC("s1", x[:, :2].bfloat16(), torch.Generator().manual_seed(5))
     assert half.dtype == torch.bfloat16 and torch.isfinite(half.float()).all()
+
+
+def test_the_augmenter_uses_each_views_loader_normalisation():
+    std = np.array([2.0, 4.0], np.float32)
+    aug = ViewAugmenter({"s1": ViewAugment(flips=False, noise_db=0.5)}, {"s1": (np.zeros(2), std)})
+    out = aug("s1", torch.zeros(64, 2, 32, 32), torch.Generator().manual_seed(0))
+    assert torch.allclose(out.std(dim=(0, 2, 3)), torch.tensor([0.25, 0.125]), rtol=0.03)
+    raw = ViewAugmenter({"s1": ViewAugment(flips=False, noise_db=0.5)})  # not normalised
+    assert abs(float(raw("s1", torch.zeros(64, 2, 32, 32)).std()) - 0.5) < 0.01

@@ -214,3 +214,28 @@ def test_json_is_written_whole_or_not_at_all(tmp_path, monkeypatch):
         write_json_atomic(path, {"x": 1})
     assert json.loads(path.read_text())["x"] == 0.5
     assert [p.name for p in path.parent.iterdir()] == ["r.json"]  # no temporary file left
+
+
+def test_a_different_run_in_the_folder_names_only_the_keys_that_differ(tmp_path):
+    tiny = REPO / "configs" / "pretrain" / "tiny.yaml"
+    cfg = config.load(tiny)
+    config.save_run_config(cfg, tmp_path)
+    other = config.load(tiny, ["model.views.rsi.in_chans=4", "model.head.out_dim=32"])
+    with pytest.raises(config.ConfigError) as info:
+        config.check_run_folder(other, tmp_path, ("method", "model"))
+    message = str(info.value)
+    assert "model.head.out_dim: 64 there, 32 now" in message
+    assert "model.views.rsi.in_chans: 10 there, 4 now" in message
+    assert "resnet18" not in message and "img_size" not in message  # not the whole model
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("loader.views=[rp,rsi", "'loader.views'"),  # an unclosed YAML list
+        ("train.lr=${nope.x}", "'train.lr'"),  # an interpolation to no key
+    ],
+)
+def test_unparseable_overrides_are_config_errors_naming_the_key(override, key):
+    with pytest.raises(config.ConfigError, match=key):
+        config.load(REPO / "configs" / "pretrain" / "tiny.yaml", [override])

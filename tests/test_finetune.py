@@ -110,21 +110,61 @@ def read_result(run_dir: Path) -> dict:
 # --- splits, subsets, inputs -------------------------------------------------------------
 
 
-def test_split_comes_from_fold_rotation_then_split_then_patch_hash():
-    assert [tasks.split_of({"fold": f}, 0, [0.6, 0.2, 0.2]) for f in (1, 2, 3, 4, 5)] == [
+def test_split_comes_from_fold_rotation_then_split_then_the_sharders_group_hash():
+    from pimc_dist.sources.base import hash_split
+
+    assert [tasks.split_of({"fold": f}, 0) for f in (1, 2, 3, 4, 5)] == [
         "train", "train", "train", "val", "test"
     ]  # fmt: skip
-    assert tasks.split_of({"fold": 5}, 1, [0.6, 0.2, 0.2]) == "val"
-    assert tasks.split_of({"fold": 1}, 1, [0.6, 0.2, 0.2]) == "test"
-    assert tasks.split_of({"split": "validation"}, 0, [1, 0, 0]) == "val"
-    assert tasks.split_of({"patch": "p1", "split": None}, 0, [1, 0, 0]) == "train"
-    assert tasks.split_of({"patch": "p1", "split": None}, 0, [0, 0, 1]) == "test"
-    hashed = [tasks.split_of({"patch": f"p{i}"}, 0, [0.6, 0.2, 0.2]) for i in range(2000)]
+    assert tasks.split_of({"fold": 5}, 1) == "val"
+    assert tasks.split_of({"fold": 1}, 1) == "test"
+    only_train = tasks.SplitRule({"train": 1.0, "val": 0.0, "test": 0.0})
+    assert tasks.split_of({"split": "validation"}, 0, only_train) == "val"
+    assert tasks.split_of({"patch": "p1", "split": None}, 0, only_train) == "train"
+    only_test = tasks.SplitRule({"train": 0.0, "val": 0.0, "test": 1.0})
+    assert tasks.split_of({"patch": "p1", "split": None}, 0, only_test) == "test"
+    # The sharder's hash (sources.base.hash_split) of the group, else the patch, with the
+    # fractions and seed of the set's manifest.
+    rule = tasks.SplitRule({"train": 0.6, "val": 0.2, "test": 0.2}, seed=7)
+    hashed = [tasks.split_of({"patch": f"p{i}"}, 0, rule) for i in range(2000)]
+    assert hashed == [hash_split(f"p{i}", 7, rule.fractions) for i in range(2000)]
     assert 0.55 < hashed.count("train") / 2000 < 0.65
-    # Pixels of one patch share its split.
-    assert (
-        len({tasks.split_of({"patch": "x", "row": r}, 0, [0.6, 0.2, 0.2]) for r in range(9)}) == 1
+    assert tasks.split_of({"patch": "s1", "group": "field3"}, 0, rule) == hash_split(
+        "field3", 7, rule.fractions
     )
+    assert tasks.split_of({"patch": "x"}, 0) == hash_split("x", 0, None)  # defaults: {} and 0
+    # Pixels of one patch share its split.
+    assert len({tasks.split_of({"patch": "x", "row": r}, 0, rule) for r in range(9)}) == 1
+    manifest = type("M", (), {"config": {"hash_split": {"train": 1.0}, "split_seed": 3}})()
+    assert tasks.SplitRule.of(manifest) == tasks.SplitRule({"train": 1.0}, 3)
+
+
+def _manifest(classes, source="geotiff_stack", **config):
+    """A stand-in for a shard set's manifest: what LabelSpace reads."""
+    return type("M", (), {"classes": classes, "source": source, "path": Path("m.json"),
+                          "config": {"source": source, **config}})()  # fmt: skip
+
+
+def test_pixel_cls_classes_leave_out_the_sets_label_ignore_values_and_renumber_the_rest():
+    task = tasks.get_task("pixel_cls")
+    space = task.label_space(_manifest(["none", "wheat", "maize", "grass"], label_ignore=[0]))
+    assert space.names == ["wheat", "maize", "grass"] and space.values == [1, 2, 3]
+    # Samples labelled 0 (no label) or -1 (no class raster) are left out of the targets.
+    metas = [
+        {"patch": "p", "row": i, "col": 0, "label": v} for i, v in enumerate([0, 1, 3, -1, 2, 0])
+    ]
+    arrays = {"series": np.zeros((6, 3, 4), np.float16)}
+    ft = OmegaConf.create({"input_bands": {}})
+    data = task.prepare(arrays, metas, ft, ["series"], {}, space)
+    assert data.target.tolist() == [0, 2, 1] and len(data) == 3
+    assert data.dropped == {"ignored_label": 2, "unlabelled": 1}
+    # PASTIS sets: void (19) is no class for pixel_cls either; pastis_pixel_cls is its preset.
+    pastis_classes = [f"c{i}" for i in range(19)] + ["Void label"]
+    for name in ("pixel_cls", "pastis_pixel_cls"):
+        got = tasks.get_task(name).label_space(_manifest(pastis_classes, source="pastis"))
+        assert got.names == pastis_classes[:19] and got.values == list(range(19))
+    with pytest.raises(tasks.TaskError, match="lists no classes.*data.class_names"):
+        task.label_space(_manifest([]))
 
 
 def test_label_subset_is_seeded_sorted_and_keeps_at_least_one():
@@ -340,14 +380,15 @@ def test_eurosat_linear_probe_with_the_rsi_encoder_on_ten_of_thirteen_bands(pimc
 
 def test_sen12ms_multilabel_with_both_modalities(tmp_path):
     write_sen12ms(tmp_path / "SEN12MS", patches_per_scene=4, size=32, seed=2)
+    # Samples without a split: the evaluation hashes them with the set's data.hash_split.
     shards = make_shards(
-        tmp_path, "sen12ms.yaml", tmp_path / "SEN12MS", "data.max_samples_per_shard=8"
-    )
+        tmp_path, "sen12ms.yaml", tmp_path / "SEN12MS", "data.max_samples_per_shard=8",
+        "data.hash_split={train: 0.5, val: 0.25, test: 0.25}",
+    )  # fmt: skip
     run_folder = make_run(tmp_path / "mosaic", MOSAIC_VIEWS % 13)
     run = tmp_path / "run"
     cfg = ft_config(
         "sen12ms_multilabel", run, shards, f"finetune.ckpt={run_folder}", "finetune.inputs=[s2,s1]",
-        "finetune.hash_split=[0.5,0.25,0.25]",
     )  # fmt: skip
     assert finetune.main(cfg) == 0
     result = read_result(run)
@@ -355,10 +396,13 @@ def test_sen12ms_multilabel_with_both_modalities(tmp_path):
     assert sum(result["samples"][s] for s in ("train", "val", "test")) == 16
     assert len(result["metrics"]["per_class_ap"]) == 10
     # Every patch hashed into train: the empty splits are named, with the counts.
-    none = ft_config(
-        "sen12ms_multilabel", tmp_path / "r2", shards, f"finetune.ckpt={run_folder}",
-        "finetune.hash_split=[1,0,0]",
+    all_train = make_shards(
+        tmp_path / "all_train", "sen12ms.yaml", tmp_path / "SEN12MS",
+        "data.max_samples_per_shard=8", "data.hash_split={train: 1.0}",
     )  # fmt: skip
+    none = ft_config(
+        "sen12ms_multilabel", tmp_path / "r2", all_train, f"finetune.ckpt={run_folder}"
+    )
     with pytest.raises(downstream.FinetuneError, match="no sample in the val split"):
         finetune.main(none)
 
@@ -488,6 +532,8 @@ def test_cnn1d_baseline_trains_on_the_raw_series_and_sends_its_pictures(
     assert [h["epoch"] for h in result["history"]] == [1, 2]
     assert result["report"]["steps"] == 2 * (96 // 32) and np.isfinite(result["metrics"][primary])
     assert (run / "curves.png").read_bytes()[:4] == b"\x89PNG"
+    # Cluster coherence of the test embeddings at the selected epoch (classification only).
+    assert ({"knn_acc", "silhouette"} <= set(result["metrics"])) == (task == "pastis_pixel_cls")
     pictures = {"curves"} | ({"confusion_matrix"} if task == "pastis_pixel_cls" else set())
     assert set(RecordingTracker.images) == pictures
     if task == "pastis_forecast":
@@ -687,7 +733,9 @@ def test_mosaic_pretraining_on_real_reben_then_multilabel_evaluation(tmp_path):
     """configilm's 24 real reBEN patches (18 without snow/cloud): shard, pretrain, evaluate.
     Pretraining must lower each MoSAiC term (intra S2, intra S1, inter, SupCon): the mean of
     the last 10 of 60 steps is below 0.85 x the first 10's. Measured (seeds 0-2): ratios
-    0.55-0.79; with train.lr=0 0.96-1.16, with w_intra ~ 0 the intra terms 0.90-0.91."""
+    0.46-0.79. A broken objective fails: train.lr=0 0.96-1.16 on every term; a term's weight
+    at 1e-9 (computed, logged, not trained) leaves it at 0.88 (inter), 0.90-0.91 (intra), 0.91
+    (sup); a weight of 0 drops the term from the metrics."""
     shards = make_shards(
         tmp_path, "reben.yaml", configilm_mock_root(), "data.max_samples_per_shard=8"
     )
@@ -716,12 +764,15 @@ def test_mosaic_pretraining_on_real_reben_then_multilabel_evaluation(tmp_path):
         assert last < 0.85 * first, (term, first, last)
     for init in ("pretrained", "random"):
         out = tmp_path / f"eval_{init}"
+        # Pretrained on every split of the 24 patches (the loss claim above needs them all):
+        # the leak guard would refuse it; allowed, the overlap is recorded.
         cfg = ft_config(
             "reben_multilabel", out, shards, f"finetune.ckpt={run}", f"finetune.init={init}",
-            "finetune.inputs=[s2,s1]",
+            "finetune.inputs=[s2,s1]", "finetune.allow_pretrain_overlap=true",
         )  # fmt: skip
         assert finetune.main(cfg) == 0
         result = read_result(out)
+        assert (result["pretrain_overlap"] != 0) == (init == "pretrained")
         assert result["architecture_from"] == str(run / "config.yaml")
         assert np.isfinite(result["metrics"]["map_macro"]) and result["metrics"]["n"] == 6
     assert 1 <= result["metrics"]["n_classes_scored"] <= 19

@@ -37,6 +37,7 @@ LAYERS: dict[int, tuple[str, ...]] = {
         "pimc_dist.models.*",
     ),
     2: (
+        "pimc_dist.checks",
         "pimc_dist.engine",
         "pimc_dist.encoders",
         "pimc_dist.shard_plan",

@@ -152,3 +152,88 @@ def test_confusion_matrix_plot_is_a_png(tmp_path):
     cm = metrics.confusion_matrix([0, 1, 2, 2], [0, 2, 2, 2], 3)
     path = metrics.plot_confusion_matrix(cm, ["a", "b", "c"], tmp_path / "cm" / "plot.png", "t")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# --- cluster coherence: k-NN and silhouette of embeddings -----------------------------------
+
+
+def two_clusters(n: int = 200, dim: int = 16, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Two tight clusters around opposite directions; labels 0 / 1."""
+    rng = np.random.default_rng(seed)
+    centre = rng.normal(size=dim)
+    labels = np.arange(n) % 2
+    x = np.where(labels[:, None] == 0, centre, -centre) + 0.01 * rng.normal(size=(n, dim))
+    return x.astype(np.float32), labels
+
+
+def test_well_separated_clusters_score_knn_1_and_silhouette_near_1():
+    x, labels = two_clusters()
+    m = metrics.cluster_metrics(x, labels, "multiclass")
+    assert m["knn_acc"] == 1.0 and m["knn_k"] == 20
+    assert m["silhouette"] > 0.99
+
+
+def test_random_labels_score_chance_and_silhouette_near_0():
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(2000, 32)).astype(np.float32)
+    labels = rng.integers(0, 4, 2000)
+    m = metrics.cluster_metrics(x, labels, "multiclass")
+    assert abs(m["knn_acc"] - 0.25) < 0.05
+    assert abs(m["silhouette"]) < 0.05
+
+
+def test_silhouette_equals_sklearns_cosine_silhouette_and_knn_a_brute_force_vote():
+    sklearn_metrics = pytest.importorskip("sklearn.metrics")
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=(300, 8)) + np.repeat(rng.normal(size=(3, 8)) * 2, 100, axis=0)
+    labels = np.repeat([0, 1, 2], 100)
+    labels[:1] = 3  # a cluster of one scores 0, as in sklearn
+    expected = sklearn_metrics.silhouette_score(x, labels, metric="cosine")
+    assert metrics.silhouette_cosine(x, labels) == pytest.approx(expected, abs=1e-6)
+    unit = x / np.linalg.norm(x, axis=1, keepdims=True)
+    sim = unit @ unit.T
+    np.fill_diagonal(sim, -np.inf)
+    near = np.argsort(-sim, axis=1)[:, :5]
+    votes = np.array([np.bincount(labels[row], minlength=4) for row in near])
+    clear = np.sort(votes, axis=1)[:, -1] > np.sort(votes, axis=1)[:, -2]  # no tied vote
+    pred = votes.argmax(axis=1)
+    knn = metrics.knn_neighbours(x, 5)[0]
+    np.testing.assert_array_equal(np.sort(knn, axis=1), np.sort(near, axis=1))
+    acc = metrics.knn_accuracy(x, labels, k=5)
+    assert clear.sum() > 250
+    assert acc >= np.mean((pred == labels) & clear)
+
+
+def test_multilabel_knn_map_and_dominant_label():
+    # Two groups of samples: group A carries labels {0, 1}, group B label {2}; label 1 also
+    # on 10 B samples. Embeddings separate the groups, so the neighbours' label shares rank
+    # every true (sample, label) above the false ones except label 1 inside group B.
+    x, group = two_clusters(100)
+    target = np.zeros((100, 3), int)
+    target[group == 0, 0] = target[group == 0, 1] = 1
+    target[group == 1, 2] = 1
+    assert metrics.knn_map(x, target) == pytest.approx(1.0)
+    assert metrics.cluster_metrics(x, target, "multilabel")["silhouette"] > 0.99
+    target[np.flatnonzero(group == 1)[:10], 1] = 1  # label 1: 60 samples, label 0: 50
+    dominant = metrics.dominant_label(target)
+    assert set(dominant[group == 0]) == {1}  # label 1 is the more frequent (60 vs 50)
+    assert (dominant[group == 1] == 1).sum() == 10 and (dominant[group == 1] == 2).sum() == 40
+    assert metrics.dominant_label(np.zeros((2, 3), int)).tolist() == [-1, -1]
+    m = metrics.cluster_metrics(x, target, "multilabel")
+    # 10 B samples now have label 1 as their dominant label, the label of group A's cluster.
+    assert m["knn_map"] < 1.0 and 0.3 < m["silhouette"] < 0.9
+    assert metrics.cluster_metrics(x, target, "forecast") == {}
+
+
+def test_chunking_gives_the_same_answer_and_the_subsample_is_seeded():
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(700, 12)).astype(np.float32)
+    labels = rng.integers(0, 3, 700)
+    multi = (rng.random((700, 4)) < 0.3).astype(int)
+    whole = {c: metrics.cluster_metrics(x, labels, "multiclass", chunk=c) for c in (7, 700, 4096)}
+    assert whole[7] == pytest.approx(whole[700]) and whole[700] == pytest.approx(whole[4096])
+    ml = [metrics.cluster_metrics(x, multi, "multilabel", chunk=c) for c in (13, 1000)]
+    assert ml[0] == pytest.approx(ml[1])
+    small = [metrics.silhouette_cosine(x, labels, max_points=200, seed=s) for s in (0, 0, 1)]
+    assert small[0] == small[1] != small[2]
+    assert metrics.cluster_metrics(x, labels, "multiclass", max_points=200)["silhouette_n"] == 200

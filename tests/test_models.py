@@ -15,9 +15,13 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from pimc_dist.models import (
     ENCODER_NAMES,
+    SERIES_ENCODERS,
+    BatchNorm1d,
     ContrastiveModel,
     ProjectionHead,
     ResNet,
+    ResNet1d,
+    SeriesCNN,
     VisionTransformer,
     WeightsError,
     build_encoder,
@@ -36,6 +40,7 @@ from pimc_dist.models import (
 # Tiny shapes so every architecture runs on a loaded 2-core CPU in well under a second.
 TINY_VIT = {"embed_dim": 32, "depth": 2, "num_heads": 2}
 TINY_RESNET = {"width": 8}
+IMAGE_ENCODERS = [n for n in ENCODER_NAMES if n not in SERIES_ENCODERS]
 
 
 def tiny_kw(name: str) -> dict:
@@ -52,7 +57,7 @@ def measured_flops(fn) -> int:
 # ---------------------------------------------------------------- encoders
 
 
-@pytest.mark.parametrize("name", ENCODER_NAMES)
+@pytest.mark.parametrize("name", IMAGE_ENCODERS)
 @pytest.mark.parametrize("in_chans", [3, 10, 2])
 def test_every_encoder_runs_forward_and_backward_on_small_inputs(name, in_chans):
     torch.manual_seed(0)
@@ -255,7 +260,9 @@ def test_activation_checkpointing_gives_identical_gradients_and_saves_less():
 
 def test_resnet_accepts_activation_checkpointing():
     # Same gradients and BatchNorm statistics: tests/test_large_encoders.py.
-    model = build_encoder("resnet18", in_chans=3, img_size=32, grad_checkpointing=True, **TINY_RESNET)
+    model = build_encoder(
+        "resnet18", in_chans=3, img_size=32, grad_checkpointing=True, **TINY_RESNET
+    )
     assert model.grad_checkpointing
 
 
@@ -672,3 +679,115 @@ def test_checkpointed_vit_in_bf16_on_cuda_runs_and_matches_the_flop_count():
     assert count_flops(model, batch=8) == pytest.approx(counter.get_total_flops(), rel=0.01)
     out.float().square().sum().backward()
     assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+# ---------------------------------------------------------------- 1D series encoders
+
+
+@pytest.mark.parametrize("name", SERIES_ENCODERS)
+@pytest.mark.parametrize("in_chans", [3, 1])
+def test_series_encoders_run_forward_and_backward_on_any_length(name, in_chans):
+    torch.manual_seed(0)
+    model = build_encoder(name, in_chans=in_chans, seq_len=36, width=8)
+    assert model.seq_len == 36 and model.in_chans == in_chans
+    for steps in (36, 23):  # global pooling: other grid lengths run too
+        x = torch.randn(4, in_chans, steps, requires_grad=True)
+        features = model(x)
+        assert features.shape == (4, model.out_dim)
+        features.square().sum().backward()
+        assert torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match=f"expected {in_chans} series channels"):
+        model(torch.randn(2, in_chans + 1, 36))
+
+
+def test_series_encoder_shapes_and_sizes():
+    cnn = build_encoder("cnn1d_small", in_chans=3, seq_len=36)
+    assert isinstance(cnn, SeriesCNN) and cnn.out_dim == 64  # width 32 -> 2w, pooled globally
+    assert build_encoder("cnn1d_small", in_chans=3, seq_len=36, positions=4).out_dim == 256
+    res = build_encoder("resnet1d18", in_chans=3, seq_len=36)
+    assert isinstance(res, ResNet1d) and res.out_dim == 512  # 8 x width 64, as ResNet-18
+    assert 3.5e6 < count_params(res) < 4.5e6
+    assert build_encoder("resnet1d18", in_chans=3, seq_len=36, width=16).out_dim == 128
+    # Residual branches start at the identity, as the 2D ResNets.
+    assert all(b.bn2.weight.abs().sum() == 0 for stage in res.stages for b in stage)
+    assert all(isinstance(m, BatchNorm1d) for m in res.modules() if isinstance(m, nn.BatchNorm1d))
+
+
+def test_series_encoders_take_seq_len_not_img_size():
+    with pytest.raises(ValueError, match="cnn1d_small: a 1D series encoder needs seq_len"):
+        build_encoder("cnn1d_small", in_chans=3)
+    with pytest.raises(ValueError, match="takes seq_len, not img_size"):
+        build_encoder("resnet1d18", in_chans=3, seq_len=36, img_size=36)
+    with pytest.raises(ValueError, match="seq_len applies to 1D series encoders only"):
+        build_encoder("resnet18", in_chans=3, img_size=32, seq_len=36)
+    with pytest.raises(ValueError, match="unknown option.*pool.*known: grad_checkpointing"):
+        build_encoder("cnn1d_small", in_chans=3, seq_len=36, pool="mean")
+    with pytest.raises(ValueError, match="view 'series': missing seq_len"):
+        build_model({**PIMC_VIEWS, "series": {"encoder": "cnn1d_small", "in_chans": 3}}, HEAD)
+    with pytest.raises(ValueError, match="view 'series': .*takes seq_len, not img_size"):
+        build_model(
+            {"series": {"encoder": "cnn1d_small", "in_chans": 3, "seq_len": 36, "img_size": 36}},
+            HEAD,
+        )
+
+
+@pytest.mark.parametrize("chans", [3, 1])  # 1: plots and series of NDVI alone
+def test_plot_and_series_towers_without_a_crop(chans):
+    views = {
+        "rp": {"encoder": "resnet18", "in_chans": chans, "img_size": 36, "width": 8},
+        "series": {"encoder": "cnn1d_small", "in_chans": chans, "seq_len": 36, "width": 8},
+    }
+    # A structured config carries img_size: None beside seq_len.
+    cfg = OmegaConf.create({"views": {**views, "series": {**views["series"], "img_size": None}}})
+    model = build_model(cfg.views, HEAD, grad_checkpointing=True)  # accepted by the 1D CNN
+    out = model({"rp": torch.randn(4, chans, 36, 36), "series": torch.randn(4, chans, 36)})
+    assert out["rp"].shape == out["series"].shape == (4, 16)
+    assert torch.allclose(out["series"].norm(dim=1), torch.ones(4))
+    expected = sum(
+        count_flops(model.encoder(v)) + count_flops(model.head(v)) for v in ("rp", "series")
+    )
+    assert count_flops(model) == expected
+    assert measured_flops(lambda: model.encode("series", torch.randn(1, chans, 36))) == (
+        count_flops("cnn1d_small", in_chans=chans, seq_len=36, width=8)
+    )
+
+
+@pytest.mark.parametrize(
+    ("name", "kw", "steps"),
+    [("cnn1d_small", {}, 36), ("cnn1d_small", {"positions": 4}, 41), ("resnet1d18", {}, 36),
+     ("resnet1d18", {"width": 16}, 23)],
+)  # fmt: skip
+def test_series_flops_agree_with_torch_flop_counter(name, kw, steps):
+    model = build_encoder(name, in_chans=3, seq_len=steps, **kw)
+    assert measured_flops(lambda: model(torch.randn(1, 3, steps))) == count_flops(model)
+    assert count_flops(name, in_chans=3, seq_len=steps, batch=5, **kw) == 5 * count_flops(model)
+
+
+def test_series_encoder_runs_with_bf16_weights_and_float32_statistics():
+    # DeepSpeed bf16 casts parameters, not buffers (models/norm.py).
+    model = build_encoder("resnet1d18", in_chans=3, seq_len=36, width=8)
+    for p in model.parameters():
+        p.data = p.data.to(torch.bfloat16)
+    out = model.train()(torch.randn(4, 3, 36, dtype=torch.bfloat16))
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out.float()).all()
+
+
+def test_series_encoder_weights_round_trip(tmp_path):
+    views = {
+        "rp": {"encoder": "resnet18", "in_chans": 1, "img_size": 36, "width": 8},
+        "series": {"encoder": "resnet1d18", "in_chans": 1, "seq_len": 36, "width": 8},
+    }
+    model = build_model(views, HEAD)
+    path = tmp_path / "encoders.safetensors"
+    save_encoder_weights(export_encoder_state(model), path)
+    fresh = build_encoder("resnet1d18", in_chans=1, seq_len=36, width=8)
+    load_encoder_weights(fresh, path, view="series")
+    x = torch.randn(2, 1, 36)
+    assert torch.equal(fresh.eval()(x), model.encoder("series").eval()(x))
+
+
+def test_the_downstream_cnn1d_baseline_is_the_series_encoder():
+    # One 1D CNN: eval's raw-series baseline (protocol cnn1d) is cnn1d_small at 4 positions.
+    from pimc_dist.eval import downstream
+
+    assert downstream.SeriesCNN is SeriesCNN and not hasattr(downstream, "CNN1D")

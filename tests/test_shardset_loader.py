@@ -802,7 +802,9 @@ def test_a_shard_losing_a_few_samples_stays_and_resampled_draws_skip_an_excluded
     from_bad = [k for k in keys if int(k[1:]) >= 128]
     assert len(from_bad) == len(set(from_bad)) < 64  # its good samples were read once
     # With the limit at 1 no shard is ever left out.
-    keep = build_loader(loader_cfg(tmp_path, "loader.workers=0", "loader.max_shard_loss_fraction=1"))
+    keep = build_loader(
+        loader_cfg(tmp_path, "loader.workers=0", "loader.max_shard_loss_fraction=1")
+    )
     batches = iter(keep)
     for _ in range(60):
         next(batches)

@@ -37,6 +37,19 @@ COMMON = [
 # the reductions. Encoder names, ZeRO stage and precision stay the config's own.
 REDUCED = {
     "tiny": ("pastis", []),
+    "tiny_series": ("pastis", []),
+    # tiny.yaml's model on a GeoTIFF stack's settings (10 bands like PASTIS); on a real
+    # stack end to end: tests/test_own_data.py.
+    "tiny_geotiff": ("pastis", []),
+    "pimc_series": (
+        "pastis",
+        [
+            # pimc.yaml's plot tower reduced the same way; the 1D ResNet-18 at width 8.
+            "model.views.rp.encoder=vit_tiny_p8",
+            "model.views.series.width=8",
+            *SMALL_HEAD,
+        ],
+    ),  # fmt: skip
     "pimc": (
         "pastis",
         [
@@ -75,13 +88,14 @@ def pastis_shards(out: Path, config: Path) -> Path:
     from pimc_dist.sources.fixtures import write_pastis
 
     write_pastis(out / "raw", n_patches=6, size=32, seed=1)
-    cfg = config_lib.load(
-        config,
-        [
-            "data.source=pastis", f"data.root={out / 'raw'}", f"data.shard_dir={out / 'shards'}",
-            "data.pixels_per_patch=16", "data.max_samples_per_shard=64", "data.workers=1",
-        ],
-    )  # fmt: skip
+    overrides = [
+        "data.source=pastis", f"data.root={out / 'raw'}", f"data.shard_dir={out / 'shards'}",
+        "data.pixels_per_patch=16", "data.max_samples_per_shard=64", "data.workers=1",
+    ]  # fmt: skip
+    if config_lib.load(config, overrides).data.grid_length is None:
+        # A GeoTIFF stack's config: its patches share one date list, PASTIS patches do not.
+        overrides.append("data.grid_length=30")
+    cfg = config_lib.load(config, overrides)
     assert shard.main(cfg) == 0
     return out / "shards"
 

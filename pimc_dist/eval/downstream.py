@@ -19,7 +19,7 @@ from torch import nn
 
 from pimc_dist import config as config_lib
 from pimc_dist.eval.tasks import ENCODED_VIEWS, SplitData, Task, TaskError
-from pimc_dist.models import BatchNorm1d, build_encoder, load_encoder_weights
+from pimc_dist.models import SeriesCNN, build_encoder, load_encoder_weights
 
 WEIGHTS_FILE = "encoders.safetensors"
 
@@ -137,32 +137,6 @@ def build_view_encoder(
     return encoder, owner
 
 
-class CNN1D(nn.Module):
-    """1D CNN on (B, C, T) series: three conv blocks, pooled to 4 positions, flattened."""
-
-    def __init__(self, in_chans: int, width: int = 32, positions: int = 4):
-        super().__init__()
-
-        def block(cin: int, cout: int, k: int) -> list[nn.Module]:
-            return [
-                nn.Conv1d(cin, cout, k, padding=k // 2, bias=False),
-                BatchNorm1d(cout),  # also under DeepSpeed bf16 (models/norm.py)
-                nn.ReLU(),
-            ]
-
-        self.net = nn.Sequential(
-            *block(in_chans, width, 5),
-            *block(width, 2 * width, 5),
-            *block(2 * width, 2 * width, 3),
-            nn.AdaptiveAvgPool1d(positions),
-            nn.Flatten(),
-        )
-        self.out_dim = 2 * width * positions
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
-
-
 class Flatten(nn.Module):
     """Raw inputs as features: (B, ...) -> (B, prod(...))."""
 
@@ -226,7 +200,8 @@ def build_downstream_model(
             pretrained_view = str(ft.encoder_views.get(view, view))
             branches[view], used[view] = build_view_encoder(source, pretrained_view, *shape)
         elif ft.protocol == "cnn1d":
-            branches[view] = CNN1D(int(shape[0]))
+            # The 1D CNN baseline: the `cnn1d_small` series encoder, pooled to 4 positions.
+            branches[view] = SeriesCNN(int(shape[0]), positions=4)
         else:
             branches[view] = Flatten(int(np.prod(shape)))
     return DownstreamModel(branches, out_dim), used

@@ -36,6 +36,14 @@ learning rate or epoch, baselines, sample counts, timings, the resolved config),
 confusion_matrix.png (classification), curves.png (loss and validation score per
 epoch; finetune and cnn1d), heads.safetensors (linear heads), metrics.jsonl and
 wandb/ (tracking; W&B group `tracking.group`; the two pictures go there too).
+Leak guard (`pimc_dist/eval/leakage.py`): before any work, a checkpoint whose
+pretraining shard set holds a val or test sample scored here stops the job
+(exit status 2, the overlap per split and the fix);
+`finetune.allow_pretrain_overlap=true` runs it anyway, and result.json records
+`pretrain_overlap` (0, {split: count}, or "unknown" when the pretraining data
+cannot be found). Classification and multi-label results add the k-NN score and
+silhouette of the test embeddings (`metrics.cluster_metrics`).
+
 A folder that holds another run (a pretraining, a sweep, or a fine-tuning that
 differs in task, protocol, init, ckpt, inputs, label fraction, seed or, when
 training, lr) is refused before anything is written.
@@ -54,11 +62,12 @@ from omegaconf import OmegaConf
 from safetensors.torch import save_file
 from torch import nn
 
+from pimc_dist import checks, distributed, run_lock, tracking, viz
 from pimc_dist import config as config_lib
-from pimc_dist import distributed, run_lock, shardset, tracking, viz
 from pimc_dist.augment import random_dihedral
 from pimc_dist.distributed import gather_objects
 from pimc_dist.engine import Engine, cast_batch
+from pimc_dist.eval import leakage
 from pimc_dist.eval import metrics as metrics_lib
 from pimc_dist.eval.downstream import (
     EncoderSource,
@@ -86,6 +95,7 @@ from pimc_dist.eval.tasks import (
     get_task,
     label_subset,
     normalizer_for,
+    output_classes,
     read_splits,
     season_steps,
     split_shards,
@@ -181,7 +191,6 @@ def _cache_info(cfg: Any, task: Task, inputs: list[str], source: EncoderSource) 
         "input_bands": OmegaConf.to_container(ft.input_bands),
         "manifests": manifests,
         "fold_rotation": int(ft.fold_rotation),
-        "hash_split": list(ft.hash_split),
         "input_steps": int(ft.input_steps),
         "horizon": int(ft.horizon),
         "rp_size": int(ft.rp_size),
@@ -256,7 +265,7 @@ def run_linear(
     x_train, d_train = cached["train"]
     keep = label_subset(d_train.keys, float(ft.label_fraction), int(cfg.loss.label_seed))
     x_train, d_train = x_train[keep], d_train.subset(keep)
-    classes = task.class_names(_classes(cfg))
+    classes = output_classes(cfg, task)
     out_dim = task.output_dim(classes, int(ft.horizon))
     t2 = time.perf_counter()
     result = train_linear_heads(
@@ -281,7 +290,10 @@ def run_linear(
             {k: v.contiguous() for k, v in result.heads.items()}, str(run_dir / "heads.safetensors")
         )
     return {
-        "metrics": result.test_metrics,
+        "metrics": {
+            **result.test_metrics,
+            **_cluster_metrics(task, *cached["test"], int(cfg.train.seed)),
+        },
         "val_metrics": result.val_metrics,
         "selected": {"lr": result.best_lr},
         "per_lr": result.per_lr,
@@ -306,10 +318,6 @@ def _cap_pair(
     return feats[idx], data.subset(idx)
 
 
-def _classes(cfg: Any) -> list[str]:
-    return list(shardset.read_manifest(split_shards(cfg)["train"]).classes)
-
-
 # ---------------------------------------------------------------------------
 # Full fine-tuning (DeepSpeed)
 # ---------------------------------------------------------------------------
@@ -323,13 +331,36 @@ def predict(
     batch_size: int,
     dtype: torch.dtype,
     device: torch.device,
+    features: list[np.ndarray] | None = None,
 ) -> np.ndarray:
+    """Outputs of a split; with `features`, also appends what the head sees (the embeddings,
+    the input of the model's `norm`) to that list, batch by batch."""
     module.eval()
     out = []
-    for i in range(0, len(data), batch_size):
-        batch = cast_batch(normalizer.batch(data.inputs, slice(i, i + batch_size)), dtype, device)
-        out.append(module(batch).float().cpu().numpy())
+    norm = getattr(getattr(module, "module", module), "norm", None)  # DeepSpeed wraps the model
+    hook = None
+    if features is not None and norm is not None:
+        hook = norm.register_forward_pre_hook(
+            lambda _m, args: features.append(args[0].float().cpu().numpy())
+        )
+    try:
+        for i in range(0, len(data), batch_size):
+            batch = normalizer.batch(data.inputs, slice(i, i + batch_size))
+            out.append(module(cast_batch(batch, dtype, device)).float().cpu().numpy())
+    finally:
+        if hook is not None:
+            hook.remove()
     return np.concatenate(out)
+
+
+def _cluster_metrics(task: Task, features: Any, data: SplitData, seed: int) -> dict[str, Any]:
+    """k-NN score and silhouette of the test embeddings (classification, multi-label)."""
+    if task.kind not in ("multiclass", "multilabel") or features is None:
+        return {}
+    x = np.concatenate(features) if isinstance(features, list) else np.asarray(features)
+    if len(x) != len(data) or not np.isfinite(x).all():
+        return {}
+    return metrics_lib.cluster_metrics(x, data.target, task.kind, seed=seed)
 
 
 def run_finetune(
@@ -353,7 +384,7 @@ def run_finetune(
         label_subset(splits["train"].keys, float(ft.label_fraction), int(cfg.loss.label_seed))
     )
     timings["read_s"] = time.perf_counter() - t0
-    classes = task.class_names(_classes(cfg))
+    classes = output_classes(cfg, task)
     out_dim = task.output_dim(classes, int(ft.horizon))
     model, used = build_downstream_model(cfg, task, inputs, train, out_dim, source)
     normalizer = normalizer_for(cfg, task, inputs, report["band_names"])
@@ -399,7 +430,8 @@ def run_finetune(
         te = time.perf_counter()
         bs = int(ft.eval_batch_size)
         val_out = predict(engine.module, splits["val"], normalizer, bs, dtype, device)
-        test_out = predict(engine.module, splits["test"], normalizer, bs, dtype, device)
+        test_feats: list[np.ndarray] = []
+        test_out = predict(engine.module, splits["test"], normalizer, bs, dtype, device, test_feats)
         eval_s += time.perf_counter() - te
         if rank == 0:
             val_m = task.score(val_out, splits["val"], classes)
@@ -419,15 +451,19 @@ def run_finetune(
             )
             value = float(val_m.get(task.primary, float("nan")))
             if best is None or task.better(value, best["value"]):
-                best = {"value": value, "epoch": epoch + 1, "val": val_m, "test_output": test_out}
+                best = {"value": value, "epoch": epoch + 1, "val": val_m, "test_output": test_out,
+                        "test_features": test_feats}  # fmt: skip
     timings["train_s"] = time.perf_counter() - t1 - eval_s
     timings["eval_s"] = eval_s
     if rank != 0:
         return None
     if best is None:  # every epoch non-finite: report the last one
-        best = {"epoch": epochs, "val": val_m, "test_output": test_out}
+        best = {"epoch": epochs, "val": val_m, "test_output": test_out, "test_features": test_feats}
     return {
-        "metrics": task.score(best["test_output"], splits["test"], classes),
+        "metrics": {
+            **task.score(best["test_output"], splits["test"], classes),
+            **_cluster_metrics(task, best["test_features"], splits["test"], seed),
+        },
         "val_metrics": best["val"],
         "selected": {"epoch": best["epoch"], "lr": float(cfg.train.lr)},
         "history": history,
@@ -452,6 +488,7 @@ def check_config(cfg: Any) -> None:
     def bad(key: str, why: str) -> config_lib.ConfigError:
         return config_lib.ConfigError(f"invalid key 'finetune.{key}': {why}")
 
+    checks.check_values(cfg)
     try:
         task = get_task(ft.task)
     except TaskError as exc:
@@ -464,12 +501,6 @@ def check_config(cfg: Any) -> None:
         raise bad("label_fraction", f"{ft.label_fraction} is not in (0, 1]")
     if not ft.probe_lrs or any(float(x) <= 0 for x in ft.probe_lrs):
         raise bad("probe_lrs", f"{list(ft.probe_lrs)}: need positive learning rates")
-    if (
-        len(ft.hash_split) != 3
-        or any(float(x) < 0 for x in ft.hash_split)
-        or sum(ft.hash_split) <= 0
-    ):
-        raise bad("hash_split", f"{list(ft.hash_split)}: need three non-negative fractions")
     if not 0 <= int(ft.fold_rotation) < 5:
         raise bad("fold_rotation", f"{ft.fold_rotation} is not in 0..4")
     for key in (
@@ -494,6 +525,8 @@ def check_config(cfg: Any) -> None:
         if ft.ckpt is not None and not Path(ft.ckpt).exists():
             raise bad("ckpt", f"{ft.ckpt} does not exist")
         if ft.ckpt is not None and ft.init == "pretrained":
+            checks.check_weights_file(ft.ckpt)
+        if ft.ckpt is not None and ft.init == "pretrained":
             _check_label_regime(cfg)
     for split, folder in split_shards(cfg).items():
         if not (Path(folder) / "manifest.json").is_file():
@@ -501,6 +534,7 @@ def check_config(cfg: Any) -> None:
                 f"no shard set for the {split} split at {folder} (no manifest.json); set "
                 f"loader.shards or finetune.{split}_shards, or make one with python -m pimc_dist.shard"
             )
+        checks.read_shard_manifest(folder, f"finetune.{split}_shards")  # parses, names the file
     lr = ("train.lr",) if ft.protocol != "linear" else ()  # a linear run trains its probe_lrs
     config_lib.check_run_folder(
         cfg, Path(cfg.train.run_dir), (*RUN_IDENTITY, *lr), kind="fine-tuning"
@@ -540,6 +574,11 @@ def main(cfg: Any) -> int:
     if env.world_size > 1 or ft.protocol != "linear":
         env = distributed.init_distributed(timeout_s=int(cfg.train.collective_timeout_s))
     rank, world = env.rank, env.world_size
+    try:  # the leak guard (eval/leakage.py), before any work: every rank stops together
+        overlap = leakage.guard(cfg, rank)
+    except leakage.PretrainOverlapError:
+        distributed.cleanup()
+        raise
     torch.manual_seed(int(cfg.train.seed))
     source = (
         resolve_encoder_source(cfg)
@@ -563,6 +602,7 @@ def main(cfg: Any) -> int:
         else:
             out = run_finetune(cfg, task, inputs, source, rank, world, tracker)
         if rank == 0:
+            out["pretrain_overlap"] = overlap  # 0, {split: count} or "unknown"
             write_result(cfg, task, inputs, source, out, time.perf_counter() - t_start, tracker)
         exit_code = 0
     finally:

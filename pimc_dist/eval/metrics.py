@@ -23,6 +23,26 @@ Conventions (tests/test_metrics.py pins each one down):
   Micro F1 pools the counts of every class. Any mean over nothing is NaN.
 - Forecasting (`forecast_metrics`): RMSE per index over every sample and
   horizon step, the RMSE over all indices together, and the RMSE per step.
+- Cluster coherence of embeddings (`cluster_metrics`, as MoSAiC reports it), on
+  the test embeddings (the frozen features of a linear probe; the features the
+  head of a fine-tuned model sees, at the selected epoch):
+  - k-NN (`knn_acc`, `knn_map`): leave-one-out within the test set (the
+    reference set is the other test samples; no training sample is used),
+    k = 20 nearest by cosine similarity (fewer when the set is smaller).
+    Single-label: the majority label of the k neighbours, ties to the label
+    whose neighbours are the more similar in sum; `knn_acc` is its accuracy.
+    Multi-label: each label's score is the share of the k neighbours that carry
+    it; `knn_map` is the macro mAP of those scores (as `multilabel_metrics`).
+  - `silhouette`: mean silhouette with cosine distance (1 - cosine similarity)
+    w.r.t. the single label, or for multi-label the dominant label (a sample's
+    positive label that is most frequent in the set, ties to the lower index;
+    samples with none left out), on a seeded random subsample of at most
+    `max_points` (5,000) samples; a sample alone in its cluster scores 0
+    (sklearn's convention, whose `silhouette_score(metric="cosine")` it equals).
+    NaN with fewer than two clusters.
+  Both work in chunks of `chunk` query rows (a chunk x N similarity block at a
+  time), so 100k embeddings need no N x N matrix; the answer does not depend on
+  the chunk size.
 """
 
 from __future__ import annotations
@@ -33,6 +53,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
+import torch.nn.functional as F
 
 
 def _nanmean(values: np.ndarray) -> float:
@@ -210,6 +232,153 @@ def forecast_metrics(
 
 
 # ---------------------------------------------------------------------------
+# Cluster coherence of embeddings
+# ---------------------------------------------------------------------------
+
+KNN_K = 20
+SILHOUETTE_MAX_POINTS = 5000
+CHUNK = 1024
+
+
+def _unit(embeddings: np.ndarray) -> torch.Tensor:
+    x = torch.as_tensor(np.asarray(embeddings, dtype=np.float32))
+    if x.ndim != 2:
+        raise ValueError(f"need (N, D) embeddings, got shape {tuple(x.shape)}")
+    return F.normalize(x, dim=1)
+
+
+def knn_neighbours(
+    embeddings: np.ndarray, k: int = KNN_K, chunk: int = CHUNK
+) -> tuple[np.ndarray, np.ndarray]:
+    """(indices, cosine similarities), each (N, k'), of every sample's k' = min(k, N - 1)
+    nearest other samples, most similar first (leave-one-out), `chunk` rows at a time."""
+    x = _unit(embeddings)
+    n = x.shape[0]
+    k = min(int(k), n - 1)
+    if k < 1:
+        return np.zeros((n, 0), np.int64), np.zeros((n, 0), np.float32)
+    idx = np.empty((n, k), np.int64)
+    sim = np.empty((n, k), np.float32)
+    for start in range(0, n, max(1, int(chunk))):
+        block = x[start : start + chunk] @ x.T  # (c, N)
+        rows = torch.arange(block.shape[0])
+        block[rows, rows + start] = -float("inf")  # not its own neighbour
+        top = torch.topk(block, k, dim=1)
+        idx[start : start + block.shape[0]] = top.indices.numpy()
+        sim[start : start + block.shape[0]] = top.values.numpy()
+    return idx, sim
+
+
+def knn_accuracy(
+    embeddings: np.ndarray, labels: np.ndarray, k: int = KNN_K, chunk: int = CHUNK
+) -> float:
+    """Leave-one-out k-NN accuracy (cosine, majority vote; module docstring)."""
+    labels = np.asarray(labels).ravel()
+    if len(labels) < 2:
+        return float("nan")
+    classes, y = np.unique(labels, return_inverse=True)
+    idx, sim = knn_neighbours(embeddings, k, chunk)
+    votes = np.zeros((len(y), len(classes)))
+    rows = np.repeat(np.arange(len(y)), idx.shape[1])
+    np.add.at(votes, (rows, y[idx].ravel()), 1.0)
+    # Ties to the more similar neighbours: |sum of similarities| <= count <= k < k + 1.
+    np.add.at(votes, (rows, y[idx].ravel()), sim.ravel().astype(np.float64) / (idx.shape[1] + 1))
+    return float(np.mean(votes.argmax(axis=1) == y))
+
+
+def knn_map(
+    embeddings: np.ndarray, target: np.ndarray, k: int = KNN_K, chunk: int = CHUNK
+) -> float:
+    """Leave-one-out k-NN macro mAP of multi-hot `target` (N, K): label scores are the share
+    of the k neighbours carrying each label (module docstring)."""
+    target = np.asarray(target).astype(bool)
+    if target.ndim != 2 or len(target) < 2:
+        return float("nan")
+    idx, _ = knn_neighbours(embeddings, k, chunk)
+    scores = target[idx].mean(axis=1)  # (N, K)
+    return _nanmean([average_precision(target[:, j], scores[:, j]) for j in range(target.shape[1])])
+
+
+def dominant_label(target: np.ndarray) -> np.ndarray:
+    """Per sample of multi-hot `target` (N, K), its positive label most frequent in the set
+    (ties to the lower index); -1 for a sample with no positive label."""
+    target = np.asarray(target).astype(bool)
+    freq = target.sum(axis=0).astype(np.float64)
+    ranked = np.where(target, freq[None, :] - np.arange(target.shape[1])[None, :] * 1e-9, -1.0)
+    return np.where(target.any(axis=1), ranked.argmax(axis=1), -1)
+
+
+def silhouette_cosine(
+    embeddings: np.ndarray,
+    labels: np.ndarray,
+    max_points: int = SILHOUETTE_MAX_POINTS,
+    seed: int = 0,
+    chunk: int = CHUNK,
+) -> float:
+    """Mean silhouette, cosine distance, on a seeded subsample of at most `max_points`
+    samples (labels < 0 left out first); NaN with fewer than two clusters."""
+    labels = np.asarray(labels).ravel()
+    keep = np.flatnonzero(labels >= 0) if labels.dtype.kind in "iu" else np.arange(len(labels))
+    if len(keep) > max_points:
+        rng = np.random.default_rng([int(seed), 7919])
+        keep = np.sort(rng.choice(keep, int(max_points), replace=False))
+    classes, y = np.unique(labels[keep], return_inverse=True)
+    if len(classes) < 2:
+        return float("nan")
+    x = _unit(np.asarray(embeddings)[keep]).double()
+    onehot = torch.zeros((len(y), len(classes)), dtype=torch.float64)
+    onehot[torch.arange(len(y)), torch.as_tensor(y)] = 1.0
+    counts = onehot.sum(dim=0).numpy()
+    values = np.empty(len(y))
+    for start in range(0, len(y), max(1, int(chunk))):
+        dist = (1.0 - x[start : start + chunk] @ x.T).clamp_(min=0.0)
+        rows = torch.arange(dist.shape[0])
+        dist[rows, rows + start] = 0.0
+        sums = (dist @ onehot).numpy()  # (c, C): summed distance to each cluster
+        own = y[start : start + dist.shape[0]]
+        r = np.arange(len(own))
+        n_own = counts[own]
+        a = np.divide(sums[r, own], n_own - 1, out=np.zeros(len(own)), where=n_own > 1)
+        mean_other = sums / counts[None, :]
+        mean_other[r, own] = np.inf
+        b = mean_other.min(axis=1)
+        top = np.maximum(a, b)
+        s = np.divide(b - a, top, out=np.zeros(len(own)), where=top > 0)
+        values[start : start + len(own)] = np.where(n_own > 1, s, 0.0)
+    return float(values.mean())
+
+
+def cluster_metrics(
+    embeddings: np.ndarray,
+    target: np.ndarray,
+    kind: str,
+    *,
+    k: int = KNN_K,
+    max_points: int = SILHOUETTE_MAX_POINTS,
+    seed: int = 0,
+    chunk: int = CHUNK,
+) -> dict[str, Any]:
+    """k-NN score and silhouette of test embeddings (module docstring): `knn_acc` (kind
+    multiclass, `target` labels) or `knn_map` (multilabel, multi-hot `target`), and
+    `silhouette` w.r.t. the label or the dominant label; {} for other kinds."""
+    if kind == "multiclass":
+        labels = np.asarray(target).ravel().astype(np.int64)
+        knn = {"knn_acc": knn_accuracy(embeddings, labels, k, chunk)}
+    elif kind == "multilabel":
+        labels = dominant_label(target)
+        knn = {"knn_map": knn_map(embeddings, target, k, chunk)}
+    else:
+        return {}
+    n = int(np.sum(labels >= 0))
+    return {
+        **knn,
+        "silhouette": silhouette_cosine(embeddings, labels, max_points, seed, chunk),
+        "knn_k": int(min(k, max(len(labels) - 1, 0))),
+        "silhouette_n": int(min(n, max_points)),
+    }
+
+
+# ---------------------------------------------------------------------------
 # Plots
 # ---------------------------------------------------------------------------
 
@@ -259,6 +428,12 @@ def plot_confusion_matrix(
 __all__ = [
     "average_precision",
     "classification_metrics",
+    "cluster_metrics",
+    "dominant_label",
+    "knn_accuracy",
+    "knn_map",
+    "knn_neighbours",
+    "silhouette_cosine",
     "confusion_matrix",
     "forecast_metrics",
     "multilabel_metrics",

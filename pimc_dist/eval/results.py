@@ -3,6 +3,13 @@ results.csv, results.md and a plot of the primary metric against the label fract
 
 A run is described by an object with `id`, `task`, `protocol`, `init`, `label_fraction`
 and `seed` (a sweep cell, `pimc_dist.sweep.Cell`) and the folder its fine-tuning wrote.
+
+Every row carries `pretrain_overlap`: the scored samples the checkpoint's pretraining saw
+(`pimc_dist.eval.leakage`; 0, "val 3, test 5" where `finetune.allow_pretrain_overlap` let a
+leaking run go on, "unknown", or "" for a result written before the leak guard); baseline
+rows use no pretrained weights: 0. Classification and multi-label rows also carry the
+cluster coherence of the test embeddings (`knn_acc` / `knn_map`, `silhouette`;
+`pimc_dist.eval.metrics.cluster_metrics`).
 """
 
 from __future__ import annotations
@@ -15,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from pimc_dist.eval.finetune import RESULT_FILE
+from pimc_dist.eval.leakage import record_text
 from pimc_dist.eval.tasks import get_task
 from pimc_dist.files import write_json_atomic
 
@@ -22,11 +30,14 @@ ERROR_FILE = "error.json"
 
 KEY_METRICS = {
     "pastis_forecast": ["rmse_ndvi", "rmse_evi", "rmse_savi", "rmse"],
-    "pastis_pixel_cls": ["oa", "macro_f1", "miou"],
-    "eurosat_cls": ["oa", "macro_f1"],
-    "reben_multilabel": ["map_macro", "map_micro", "f1_macro", "f1_micro"],
-    "sen12ms_multilabel": ["map_macro", "map_micro", "f1_macro", "f1_micro"],
-}
+    "pixel_cls": ["oa", "macro_f1", "miou", "knn_acc", "silhouette"],
+    "pastis_pixel_cls": ["oa", "macro_f1", "miou", "knn_acc", "silhouette"],
+    "eurosat_cls": ["oa", "macro_f1", "knn_acc", "silhouette"],
+    "reben_multilabel": ["map_macro", "map_micro", "f1_macro", "f1_micro", "knn_map", "silhouette"],
+    "sen12ms_multilabel": [
+        "map_macro", "map_micro", "f1_macro", "f1_micro", "knn_map", "silhouette"
+    ],
+}  # fmt: skip
 
 
 def read_result(path: Path) -> dict[str, Any] | None:
@@ -103,6 +114,7 @@ def result_rows(
                 "selected_epoch": result.get("selected", {}).get("epoch"),
                 "train_samples": result.get("samples", {}).get("train_labelled"),
                 "total_s": result.get("timings", {}).get("total_s"),
+                "pretrain_overlap": record_text(result.get("pretrain_overlap")),
             }
         )
         for name, metrics in (result.get("baselines") or {}).items():
@@ -119,6 +131,7 @@ def result_rows(
                     "lr": "-",
                     "primary": primary,
                     **_scalar_metrics(metrics),
+                    "pretrain_overlap": "0",  # no pretrained weights
                 }
             )
     return rows, problems
@@ -181,7 +194,10 @@ def write_markdown(
             f"Test metrics; cells pick lr/epoch by validation {primary}.",
             "",
         ]
-        header = ["protocol", "init", "lr", "label fraction", *metrics, f"val {primary}", "n"]
+        header = [
+            "protocol", "init", "lr", "label fraction", *metrics, f"val {primary}", "n",
+            "pretrain overlap",
+        ]  # fmt: skip
         lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         keys = sorted(
             (k for k in groups if k[0] == task),
@@ -201,14 +217,32 @@ def write_markdown(
                 cells.append("–" if math.isnan(mean) else f"{mean:.4f} ± {std:.4f}")
             vmean, vstd, _ = _mean_std([r.get("val_primary", float("nan")) for r in members])
             cells.append("–" if math.isnan(vmean) else f"{vmean:.4f}")
+            overlap = "; ".join(
+                dict.fromkeys(str(r.get("pretrain_overlap", "")) or "–" for r in members)
+            )
             lines.append(
                 "| "
                 + " | ".join(
-                    [key[1], key[2], str(key[3]), f"{key[4]:g}", *cells, str(len(members))]
+                    [key[1], key[2], str(key[3]), f"{key[4]:g}", *cells, str(len(members)), overlap]
                 )
                 + " |"
             )
         lines.append("")
+    leaking = sorted({r["cell"] for r in rows if _leaks(r)})
+    if leaking:
+        lines += [
+            f"**Pretrain overlap**: {len(leaking)} run(s) scored samples their checkpoint saw "
+            "in pretraining (finetune.allow_pretrain_overlap=true); their scores are not "
+            "held-out scores: " + ", ".join(f"`{c}`" for c in leaking),
+            "",
+        ]
+    unknown = sorted({r["cell"] for r in rows if str(r.get("pretrain_overlap")) == "unknown"})
+    if unknown:
+        lines += [
+            f"Pretrain overlap unknown for {len(unknown)} run(s) (the checkpoint's pretraining "
+            "data could not be found): " + ", ".join(f"`{c}`" for c in unknown),
+            "",
+        ]
     if problems:
         lines += ["## Failed or missing cells", ""]
         lines += [
@@ -221,6 +255,10 @@ def write_markdown(
         ]
     path.write_text("\n".join(lines))
     return path
+
+
+def _leaks(row: dict[str, Any]) -> bool:
+    return str(row.get("pretrain_overlap", "")) not in ("", "0", "unknown")
 
 
 def plot_results(rows: list[dict[str, Any]], path: Path) -> Path | None:

@@ -4,6 +4,8 @@
 |--------------------|-----------|--------------------------|----------------------------|----------------|
 | pastis_forecast    | PIMC      | rp of the input window   | the next `horizon` values  | rmse (lower)   |
 |                    |           |                          | of NDVI, EVI, SAVI         |                |
+| pixel_cls          | PIMC      | rp (as stored)           | the set's classes, its     | miou           |
+|                    |           |                          | label_ignore values left out |              |
 | pastis_pixel_cls   | PIMC      | rp (as stored)           | crop class, void ignored   | miou           |
 | eurosat_cls        | scene     | image                    | one of 10 classes          | accuracy (oa)  |
 | reben_multilabel   | MoSAiC    | s2                       | 19 labels, multi-hot       | map_macro      |
@@ -11,7 +13,18 @@
 
 Inputs: `rp`, `rsi`, `image`, `s2`, `s1` go through encoders; `series` is the raw
 index series (flattened for linear heads, a 1D CNN in the `cnn1d` protocol).
-PIMC tasks may add `rsi` (the crop) or `series` to their inputs.
+PIMC tasks may add `rsi` (the crop) or `series` to their inputs; point-series sets have
+no `rsi` (a point has no image), so there `[rp]`, `[rp, series]` or `[series]`.
+
+Pixel classification (`pixel_cls`: PASTIS, GeoTIFF stacks with a class raster, point
+tables). The classes are the shard set's class list (the manifest's `classes`, from
+`data.class_names` or the reader's own list): class i names label value i. Values in the
+set's `data.label_ignore` (recorded in its manifest) and PASTIS' void label (19, in sets
+of source pastis / demo) are no class: they get no output, and samples carrying them, or
+no label at all (-1), are left out of training and of every score (`dropped` counts them).
+The other classes keep their order; their label values are renumbered 0..K-1 for the head.
+`pastis_pixel_cls` is the PASTIS preset of it (void ignored). Metrics: oa, macro-F1,
+mIoU, per-class F1 and IoU, confusion matrix.
 
 Forecasting. From the first `input_steps` (32) values of the regular-grid
 series the model predicts the next `horizon` (10) of each index. The plots are
@@ -34,16 +47,18 @@ the result has no seasonal_naive entry.
 Splits. Each sample's split comes from its JSON: PASTIS samples by their
 `fold` and the official rotation (`sources.pastis.FOLD_ROTATION[fold_rotation]`:
 train/val/test folds), others by `split` ("train", "val"/"validation", "test").
-Samples with neither get a split from a hash of their patch id
-(`finetune.hash_split` fractions), so all pixels of a patch share a split. The
-three splits may come from one shard set (filtered here) or from separate sets
-(`finetune.{train,val,test}_shards`, filtered the same way, so a set made with
-`data.split=train` simply passes through).
+Samples with neither get the split the sharder gives such records:
+`sources.base.hash_split` of their group (the JSON's `group`, else their patch id),
+with the `data.hash_split` fractions and `data.split_seed` recorded in that shard set's
+manifest (defaults where it records none). All pixels of a patch share a split, and a
+set sharded with `data.split=train` holds exactly the training samples of the same data
+sharded whole. The three splits may come from one shard set (filtered here) or from
+separate sets (`finetune.{train,val,test}_shards`, filtered the same way, so a set made
+with `data.split=train` simply passes through).
 """
 
 from __future__ import annotations
 
-import zlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -56,7 +71,8 @@ from pimc_dist import shardset
 from pimc_dist.eval import metrics as metrics_lib
 from pimc_dist.label_subset import labelled_index
 from pimc_dist.recurrence import recurrence_plot_uint8
-from pimc_dist.sources.pastis import FOLD_ROTATION
+from pimc_dist.sources.base import hash_split
+from pimc_dist.sources.pastis import FOLD_ROTATION, VOID_LABEL
 
 SPLITS = ("train", "val", "test")
 SPLIT_ALIASES = {"train": "train", "val": "val", "validation": "val", "test": "test"}
@@ -127,7 +143,21 @@ def sample_key(meta: dict[str, Any]) -> str:
     return patch
 
 
-def split_of(meta: dict[str, Any], fold_rotation: int, hash_split: Sequence[float]) -> str:
+@dataclass(frozen=True)
+class SplitRule:
+    """How a shard set's sharder split records that carry no split of their own: the
+    `data.hash_split` fractions ({} = the default) and `data.split_seed` of its manifest."""
+
+    fractions: dict[str, float] = field(default_factory=dict)
+    seed: int = 0
+
+    @classmethod
+    def of(cls, manifest: Any) -> SplitRule:
+        config = getattr(manifest, "config", None) or {}
+        return cls(dict(config.get("hash_split") or {}), int(config.get("split_seed") or 0))
+
+
+def split_of(meta: dict[str, Any], fold_rotation: int, rule: SplitRule | None = None) -> str:
     """train | val | test for one sample (module docstring: Splits)."""
     fold = meta.get("fold")
     if isinstance(fold, int) and not isinstance(fold, bool) and fold > 0:
@@ -138,9 +168,35 @@ def split_of(meta: dict[str, Any], fold_rotation: int, hash_split: Sequence[floa
     split = meta.get("split")
     if isinstance(split, str) and split in SPLIT_ALIASES:
         return SPLIT_ALIASES[split]
-    u = zlib.crc32(str(meta.get("patch", "")).encode()) / 2**32
-    bounds = np.cumsum(np.asarray(hash_split, dtype=np.float64))
-    return SPLITS[min(int(np.searchsorted(bounds / bounds[-1], u, side="right")), 2)]
+    rule = rule or SplitRule()
+    group = meta.get("group")
+    group = group if group not in (None, "") else meta.get("patch", "")
+    try:
+        name = hash_split(group, rule.seed, rule.fractions or None)
+    except ValueError as exc:
+        raise TaskError(str(exc)) from None
+    if name not in SPLIT_ALIASES:
+        raise TaskError(
+            f"data.hash_split of the shard set names split {name!r}; the evaluation needs "
+            f"{', '.join(SPLITS)}"
+        )
+    return SPLIT_ALIASES[name]
+
+
+@dataclass(frozen=True)
+class LabelSpace:
+    """The output classes of a classification task on a shard set: `names[i]` is the class
+    of stored label value `values[i]`; `ignored`: values that are no class."""
+
+    names: list[str]
+    values: list[int]
+    ignored: list[int]
+
+    def targets(self, labels: np.ndarray) -> np.ndarray:
+        """Stored label values -> class indices 0..K-1; -1 for the rest (ignored, unlabelled,
+        unnamed)."""
+        lookup = {v: i for i, v in enumerate(self.values)}
+        return np.array([lookup.get(int(v), -1) for v in labels], dtype=np.int64)
 
 
 # ---------------------------------------------------------------------------
@@ -186,6 +242,8 @@ class Task:
     primary: str
     higher_is_better: bool
     ignore_label: int | None = None  # multiclass: a label left out of training and scoring
+    # multiclass: also leave out the shard set's data.label_ignore values (and PASTIS void)
+    set_ignores: bool = False
 
     # -- what to read ------------------------------------------------------------------
 
@@ -212,8 +270,31 @@ class Task:
             return ["series"] + [v for v in inputs if v not in ("rp", "series")]
         return list(inputs)
 
+    def label_space(self, manifest: Any) -> LabelSpace:
+        """Output classes and the label values they stand for, from a shard set's manifest."""
+        classes = [str(c) for c in manifest.classes]
+        config = manifest.config or {}
+        if not classes:
+            hint = (
+                " (name them when sharding: data.class_names, class_names[i] naming label "
+                "value i, and data.label_ignore for the values that mean 'no label')"
+                if config.get("source") in ("geotiff_stack", "point_series")
+                else ""
+            )
+            raise TaskError(f"{self.name}: the shard set {manifest.path} lists no classes{hint}")
+        ignored = set() if self.ignore_label is None else {int(self.ignore_label)}
+        if self.set_ignores:
+            ignored |= {int(v) for v in config.get("label_ignore") or ()}
+            if manifest.source in ("pastis", "demo"):
+                ignored.add(VOID_LABEL)
+        values = [v for v in range(len(classes)) if v not in ignored]
+        if not values:
+            raise TaskError(f"{self.name}: every class of {manifest.path} is ignored")
+        return LabelSpace([classes[v] for v in values], values, sorted(ignored))
+
     def class_names(self, classes: Sequence[str]) -> list[str]:
-        """Output classes: the shard set's class list, minus the ignored label."""
+        """Output classes of a class list, minus the ignored label (of a shard set:
+        `output_classes`, which also leaves out the set's label_ignore values)."""
         if self.kind == "forecast":
             return list(INDEX_NAMES)
         names = list(classes)
@@ -235,8 +316,10 @@ class Task:
         ft: Any,
         inputs: Sequence[str],
         band_names: dict[str, list[str]],
+        labels: LabelSpace | None = None,
     ) -> SplitData:
-        """A SplitData from stored arrays (stacked over samples) and their JSON."""
+        """A SplitData from stored arrays (stacked over samples) and their JSON; `labels`
+        (multiclass) maps stored label values to class indices, dropping the others."""
         keys = [sample_key(m) for m in metas]
         order = np.argsort(np.asarray(keys, dtype=object), kind="stable") if keys else np.arange(0)
         keys = [keys[i] for i in order]
@@ -277,12 +360,18 @@ class Task:
 
         out = {view: selected[view] for view in inputs}
         if self.kind == "multiclass":
-            labels = np.array([int(m.get("label", -1)) for m in metas], dtype=np.int64)
-            keep = labels >= 0
-            if self.ignore_label is not None:
-                keep &= labels != self.ignore_label
-            dropped["ignored_label"] = int((~keep).sum())
-            data = SplitData(out, labels, keys, None, dropped)
+            stored = np.array([_label_value(m) for m in metas], dtype=np.int64)
+            if labels is not None:
+                target = labels.targets(stored)
+                keep = target >= 0
+                dropped["ignored_label"] = int(np.isin(stored, labels.ignored).sum())
+                dropped["unlabelled"] = int((~keep).sum()) - dropped["ignored_label"]
+            else:
+                target, keep = stored, stored >= 0
+                if self.ignore_label is not None:
+                    keep &= stored != self.ignore_label
+                dropped["ignored_label"] = int((~keep).sum())
+            data = SplitData(out, target, keys, None, dropped)
             return data.subset(np.flatnonzero(keep)) if not keep.all() else data
         if self.kind == "multilabel":
             rows = [m.get("labels") for m in metas]
@@ -357,6 +446,11 @@ class Task:
         return out
 
 
+def _label_value(meta: dict[str, Any]) -> int:
+    label = meta.get("label")
+    return -1 if label is None or isinstance(label, bool) else int(label)
+
+
 def window_plots(window: np.ndarray, size: int | None) -> np.ndarray:
     """uint8 recurrence plots (N, 3, S, S) of (N, 3, T) index windows (values as stored)."""
     # float16 first: the stored precision, so a plot equals what the sharder would make.
@@ -405,6 +499,16 @@ TASKS: dict[str, Task] = {
         allowed_inputs=("rp", "series", "rsi"),
         primary="rmse",
         higher_is_better=False,
+    ),
+    "pixel_cls": Task(
+        name="pixel_cls",
+        kind="multiclass",
+        dataset_kind="pimc",
+        default_inputs=("rp",),
+        allowed_inputs=("rp", "rsi", "series"),
+        primary="miou",
+        higher_is_better=True,
+        set_ignores=True,
     ),
     "pastis_pixel_cls": Task(
         name="pastis_pixel_cls",
@@ -509,8 +613,9 @@ def season_steps(cfg: Any) -> int | None:
     return round(365.25 / float(step)) if step else None
 
 
-def check_shard_sets(cfg: Any, task: Task) -> None:
-    """Every split's shard set is readable and holds the kind of samples the task needs."""
+def check_shard_sets(cfg: Any, task: Task, views: Sequence[str] = ()) -> None:
+    """Every split's shard set is readable, holds the kind of samples the task needs and
+    the stored `views` it reads."""
     for folder in dict.fromkeys(split_shards(cfg).values()):
         manifest = read_manifest_for(folder)
         if manifest.kind != task.dataset_kind:
@@ -518,6 +623,24 @@ def check_shard_sets(cfg: Any, task: Task) -> None:
                 f"{manifest.path}: a '{manifest.kind}' shard set; {task.name} needs "
                 f"'{task.dataset_kind}' samples"
             )
+        stored = {m.split(".", 1)[0] for m in manifest.members}
+        missing = [v for v in views if v not in stored]
+        if missing:
+            raise TaskError(
+                f"{manifest.path}: its samples have no {missing} view (they hold "
+                f"{sorted(stored - {'json'})}); choose finetune.inputs among those"
+                + (" (point tables have no rsi crop)" if "rsi" in missing else "")
+            )
+
+
+def output_classes(cfg: Any, task: Task) -> list[str]:
+    """The task's output classes (forecast: the index names) on the training shard set."""
+    if task.kind == "forecast":
+        return list(INDEX_NAMES)
+    manifest = read_manifest_for(split_shards(cfg)["train"])
+    if task.kind == "multiclass":
+        return task.label_space(manifest).names
+    return task.class_names(list(manifest.classes))
 
 
 def read_splits(
@@ -536,8 +659,11 @@ def read_splits(
     """
     ft = cfg.finetune
     views = task.stored_views(inputs)
-    check_shard_sets(cfg, task)
+    check_shard_sets(cfg, task, views)
     folders = split_shards(cfg)
+    labels = (
+        task.label_space(read_manifest_for(folders["train"])) if task.kind == "multiclass" else None
+    )
     by_folder: dict[str, list[str]] = {}
     for split in wanted:
         by_folder.setdefault(folders[split], []).append(split)
@@ -548,12 +674,11 @@ def read_splits(
     band_names: dict[str, list[str]] = {}
     for folder, splits in by_folder.items():
         counters: dict[str, int] = {}
+        rule = SplitRule.of(read_manifest_for(folder))
         for arrays, metas in iter_decoded(cfg, folder, views, rank, world_size, counters):
             if not band_names and metas:
                 band_names = band_names_of(metas[0])
-            routes = np.array(
-                [split_of(m, int(ft.fold_rotation), list(ft.hash_split)) for m in metas]
-            )
+            routes = np.array([split_of(m, int(ft.fold_rotation), rule) for m in metas])
             for split in splits:
                 idx = np.flatnonzero(routes == split)
                 if idx.size:
@@ -572,9 +697,10 @@ def read_splits(
         if not metas:
             out[split] = None
             continue
-        out[split] = task.prepare(arrays, metas, ft, inputs, band_names)
+        out[split] = task.prepare(arrays, metas, ft, inputs, band_names, labels)
     report["band_names"] = band_names
     report["samples"] = {s: (len(d) if d is not None else 0) for s, d in out.items()}
+    report["dropped"] = {s: dict(d.dropped) for s, d in out.items() if d is not None and d.dropped}
     return out, report
 
 
@@ -603,8 +729,10 @@ __all__ = [
     "INDEX_NAMES",
     "SPLITS",
     "TASKS",
+    "LabelSpace",
     "Normalizer",
     "SplitData",
+    "SplitRule",
     "Task",
     "TaskError",
     "band_names_of",
@@ -612,6 +740,7 @@ __all__ = [
     "get_task",
     "label_subset",
     "normalizer_for",
+    "output_classes",
     "read_splits",
     "sample_key",
     "season_steps",

@@ -1,4 +1,5 @@
-"""Encoders (ResNet, ViT up to ~1B parameters), projection heads and the contrastive model.
+"""Encoders (ResNet, ViT up to ~1B parameters, 1D CNN / ResNet for index series), projection
+heads and the contrastive model.
 
 Build everything by name from the config with `build_encoder`, `build_head` and
 `build_model`; `count_flops` and `model_summary` report cost and size;
@@ -17,6 +18,7 @@ from pimc_dist.models.registry import (
     compile_encoders,
 )
 from pimc_dist.models.resnet import ResNet
+from pimc_dist.models.series import SERIES_ENCODERS, ResNet1d, SeriesCNN
 from pimc_dist.models.summary import count_params, model_summary
 from pimc_dist.models.two_tower import ContrastiveModel
 from pimc_dist.models.vit import VIT_SIZES, VisionTransformer, default_patch_size, resize_pos_embed
@@ -32,10 +34,13 @@ __all__ = [
     "BatchNorm1d",
     "BatchNorm2d",
     "ENCODER_NAMES",
+    "SERIES_ENCODERS",
     "VIT_SIZES",
     "ContrastiveModel",
     "ProjectionHead",
     "ResNet",
+    "ResNet1d",
+    "SeriesCNN",
     "VisionTransformer",
     "WeightsError",
     "build_encoder",

@@ -20,6 +20,7 @@ from torch import nn
 from pimc_dist.models.heads import ProjectionHead
 from pimc_dist.models.registry import build_encoder
 from pimc_dist.models.resnet import BasicBlock, Bottleneck, ResNet
+from pimc_dist.models.series import ResNet1d, SeriesCNN, series_flops
 from pimc_dist.models.two_tower import ContrastiveModel
 from pimc_dist.models.vit import VisionTransformer
 
@@ -76,6 +77,9 @@ def head_flops(head: ProjectionHead) -> int:
 
 
 def _encoder_flops(model: nn.Module, img_size: int) -> int:
+    """`img_size`: the image side, or a 1D encoder's series length."""
+    if isinstance(model, (SeriesCNN, ResNet1d)):
+        return series_flops(model, img_size)
     if isinstance(model, VisionTransformer):
         return vit_flops(model, img_size, img_size)
     if isinstance(model, ResNet):
@@ -89,23 +93,32 @@ def count_flops(
     img_size: int | None = None,
     patch_size: int | None = None,
     batch: int = 1,
+    seq_len: int | None = None,
     **kw: Any,
 ) -> int:
-    """Forward FLOPs (multiply-add = 2) for `batch` square images; see the module docstring.
+    """Forward FLOPs (multiply-add = 2) for `batch` square images (or series); see the module
+    docstring.
 
-    Takes an encoder name (with `in_chans`, `img_size`, optional `patch_size` and
-    encoder options in `kw`; the encoder is built on the meta device, so no memory
-    is used), an encoder module (at `img_size`, default its own), a ProjectionHead,
-    or a ContrastiveModel (every view once, each at its encoder's img_size).
+    Takes an encoder name (with `in_chans`, `img_size` or a 1D encoder's `seq_len`,
+    optional `patch_size` and encoder options in `kw`; the encoder is built on the meta
+    device, so no memory is used), an encoder module (at `img_size`, default its own
+    img_size or seq_len), a ProjectionHead, or a ContrastiveModel (every view once, each at
+    its encoder's img_size or seq_len).
     """
     if isinstance(name_or_model, str):
-        if in_chans is None or img_size is None:
-            raise ValueError("count_flops by encoder name needs in_chans and img_size")
+        size = seq_len if seq_len is not None else img_size
+        if in_chans is None or size is None:
+            raise ValueError("count_flops by encoder name needs in_chans and img_size (or seq_len)")
         with torch.device("meta"):
             model = build_encoder(
-                name_or_model, in_chans=in_chans, img_size=img_size, patch_size=patch_size, **kw
+                name_or_model,
+                in_chans=in_chans,
+                img_size=img_size,
+                patch_size=patch_size,
+                seq_len=seq_len,
+                **kw,
             )
-        return batch * _encoder_flops(model, img_size)
+        return batch * _encoder_flops(model, size)
     model = name_or_model
     if isinstance(model, ProjectionHead):
         return batch * head_flops(model)
@@ -113,6 +126,11 @@ def count_flops(
         total = 0
         for view in model.views:
             encoder = model.encoder(view)
-            total += _encoder_flops(encoder, encoder.img_size) + head_flops(model.head(view))
+            total += _encoder_flops(encoder, _own_size(encoder)) + head_flops(model.head(view))
         return batch * total
-    return batch * _encoder_flops(model, img_size or model.img_size)
+    return batch * _encoder_flops(model, img_size or _own_size(model))
+
+
+def _own_size(encoder: nn.Module) -> int:
+    """The size an encoder was built for: its img_size, or a 1D encoder's seq_len."""
+    return encoder.seq_len if isinstance(encoder, (SeriesCNN, ResNet1d)) else encoder.img_size

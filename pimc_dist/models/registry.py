@@ -3,12 +3,16 @@
 Encoder names: "resnet18", "resnet50", "vit_tiny", "vit_small", "vit_base",
 "vit_large", "vit_huge", "vit_giant"; a ViT name may carry its patch size as a
 suffix ("vit_large_p8"). Without one, `default_patch_size(img_size)` picks it.
+1D encoders of index series (the `series` view, models/series.py): "cnn1d_small",
+"resnet1d18"; they take `in_chans` (the number of indices) and `seq_len` (the grid
+length) instead of `img_size`.
 
 A model config, as `build_model` takes it::
 
     views:
       rp:  {encoder: vit_small, in_chans: 3, img_size: 48, pool: mean}
       rsi: {encoder: resnet18, in_chans: 10, img_size: 32}
+      # or, without crops: series: {encoder: cnn1d_small, in_chans: 3, seq_len: 36}
     head: {out_dim: 128, depth: 2, hidden_dim: 2048, norm: ln}
 
 A view may instead reuse another view's network: `{share: s2}` runs the same
@@ -16,7 +20,7 @@ encoder and head (a second augmentation of "s2"); `{share_encoder: s2}` runs
 the same encoder with a head of its own (optionally `head: {...}` overrides).
 Any other key of a view goes to the encoder (ResNet: small_input, width,
 zero_init_residual, grad_checkpointing; ViT: pool, drop_path_rate, grad_checkpointing, embed_dim,
-depth, num_heads, mlp_ratio, qkv_bias).
+depth, num_heads, mlp_ratio, qkv_bias; 1D: width, and positions / zero_init_residual).
 """
 
 from __future__ import annotations
@@ -30,10 +34,13 @@ from torch import nn
 
 from pimc_dist.models.heads import ProjectionHead
 from pimc_dist.models.resnet import RESNET_LAYERS, ResNet
+from pimc_dist.models.series import SERIES_ENCODERS, build_series_encoder
 from pimc_dist.models.two_tower import ContrastiveModel
 from pimc_dist.models.vit import VIT_SIZES, VisionTransformer, default_patch_size
 
-ENCODER_NAMES: tuple[str, ...] = tuple(RESNET_LAYERS) + tuple(f"vit_{s}" for s in VIT_SIZES)
+ENCODER_NAMES: tuple[str, ...] = (
+    tuple(RESNET_LAYERS) + tuple(f"vit_{s}" for s in VIT_SIZES) + SERIES_ENCODERS
+)
 
 RESNET_OPTIONS = frozenset({"small_input", "width", "zero_init_residual", "grad_checkpointing"})
 VIT_OPTIONS = frozenset(
@@ -49,7 +56,7 @@ VIT_OPTIONS = frozenset(
     }
 )
 HEAD_OPTIONS = frozenset({"out_dim", "depth", "hidden_dim", "norm", "act"})
-VIEW_KEYS = frozenset({"encoder", "in_chans", "img_size", "patch_size", "head"})
+VIEW_KEYS = frozenset({"encoder", "in_chans", "img_size", "seq_len", "patch_size", "head"})
 
 _VIT_NAME = re.compile(r"^vit_([a-z]+)(?:_p(\d+))?$")
 
@@ -70,13 +77,32 @@ def _check_options(what: str, given: Mapping[str, Any], allowed: frozenset[str])
 
 
 def build_encoder(
-    name: str, *, in_chans: int, img_size: int, patch_size: int | None = None, **kw: Any
+    name: str,
+    *,
+    in_chans: int,
+    img_size: int | None = None,
+    patch_size: int | None = None,
+    seq_len: int | None = None,
+    **kw: Any,
 ) -> nn.Module:
-    """Build the encoder `name` for `in_chans` x `img_size` x `img_size` inputs.
+    """Build the encoder `name` for `in_chans` x `img_size` x `img_size` inputs, or for a 1D
+    encoder (`SERIES_ENCODERS`) `in_chans` x `seq_len` series.
 
-    Every encoder has `out_dim` and maps (B, in_chans, H, W) to (B, out_dim).
-    Raises ValueError for an unknown name or option.
+    Every encoder has `out_dim` and maps (B, in_chans, H, W), or (B, in_chans, T), to
+    (B, out_dim). Raises ValueError for an unknown name or option or a missing size.
     """
+    if name in SERIES_ENCODERS:
+        if seq_len is None:
+            raise ValueError(f"{name}: a 1D series encoder needs seq_len (the series length)")
+        if img_size is not None or patch_size is not None:
+            raise ValueError(
+                f"{name}: a 1D series encoder takes seq_len, not img_size or patch_size"
+            )
+        return build_series_encoder(name, in_chans=in_chans, seq_len=seq_len, **kw)
+    if seq_len is not None:
+        raise ValueError(f"{name}: seq_len applies to 1D series encoders only ({SERIES_ENCODERS})")
+    if img_size is None:
+        raise ValueError(f"{name}: needs img_size")
     if name in RESNET_LAYERS:
         _check_options(name, kw, RESNET_OPTIONS)
         if patch_size is not None:
@@ -148,17 +174,16 @@ def build_model(
         spec = dict(spec)
         if "encoder" not in spec:
             raise ValueError(f"view {view!r}: needs 'encoder' (or 'share' / 'share_encoder')")
-        missing = [k for k in ("in_chans", "img_size") if k not in spec]
+        size_key = "seq_len" if spec["encoder"] in SERIES_ENCODERS else "img_size"
+        missing = [k for k in ("in_chans", size_key) if k not in spec]
         if missing:
             raise ValueError(f"view {view!r}: missing {', '.join(missing)}")
         name = spec.pop("encoder")
-        in_chans, img_size = spec.pop("in_chans"), spec.pop("img_size")
-        patch_size = spec.pop("patch_size", None)
+        in_chans = spec.pop("in_chans")
+        sizes = {k: spec.pop(k) for k in ("img_size", "seq_len", "patch_size") if k in spec}
         view_head = {**head_cfg, **dict(spec.pop("head", None) or {})}
         try:
-            encoders[view] = build_encoder(
-                name, in_chans=in_chans, img_size=img_size, patch_size=patch_size, **spec
-            )
+            encoders[view] = build_encoder(name, in_chans=in_chans, **sizes, **spec)
             heads[view] = build_head(encoders[view].out_dim, **view_head)
         except ValueError as err:
             raise ValueError(f"view {view!r}: {err}") from None

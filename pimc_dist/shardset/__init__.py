@@ -8,7 +8,8 @@ Modules, each importing only those listed before it:
 - manifest: names, schema version, `Manifest` (views, statistics, metadata tables),
             `read_manifest`, `verify`
 - writer:   `ShardSetWriter` (shards, sidecars), `merge_manifest`
-- reader:   loader stages 1-2: which shards and samples each worker reads; reading, shuffling
+- reader:   loader stages 1-2: which shards and samples each worker reads; reading, shuffling;
+            `ShardHealth`, shards left out mid-run for their losses
 - decoder:  loader stage 3: check and decode raw samples
 - batch:    loader stage 4: batches of arrays (PNG filters, `dihedral` flips, normalisation)
 - ring:     batches through a shared-memory ring between DataLoader workers and the trainer
@@ -58,6 +59,7 @@ from pimc_dist.shardset.manifest import (
 from pimc_dist.shardset.reader import (
     LoaderStats,
     ReadTask,
+    ShardHealth,
     batched,
     exact_split,
     read_samples,
@@ -85,6 +87,7 @@ __all__ = [
     "SampleDecoder",
     "ShardEntry",
     "ShardError",
+    "ShardHealth",
     "ShardLoader",
     "ShardSetWriter",
     "ShardStream",

@@ -351,9 +351,7 @@ def open_loader(
         pin_memory=pin and workers == 0,  # with workers, the ring's copy pins (ShardLoader)
         collate_fn=_as_is,  # batches are ready; default_convert would walk every value
         prefetch_factor=int(prefetch_factor) if workers > 0 else None,
-        worker_init_fn=functools.partial(_worker_init, str(rp_on_the_fly))
-        if workers > 0
-        else None,
+        worker_init_fn=functools.partial(_worker_init, str(rp_on_the_fly)) if workers > 0 else None,
     )
     return ShardLoader(
         stream,

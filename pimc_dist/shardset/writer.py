@@ -7,7 +7,9 @@ manifest is assembled from the sidecars (`merge_manifest`), so shards written
 by different processes or Slurm array tasks combine into one set, and a rerun
 can skip the shards that are already complete (`ShardSetWriter.shard_done`).
 Each sidecar counts its samples per split and per PASTIS fold; the manifest
-sums them (`split_counts`, `fold_counts`, see manifest.py).
+sums them (`split_counts`, `fold_counts`, see manifest.py). Beside each shard a
+key index (`keys_name`: every sample's key and its JSON patch, fold, split and
+group) lets the leak guard list a set's samples without reading the tar.
 """
 
 from __future__ import annotations
@@ -65,6 +67,9 @@ class _OpenShard:
     bytes: int = 0
     samples: int = 0
     keys: set[str] = field(default_factory=set)
+    # The key index (keys_name): (key, group) per sample; group: (patch, fold, split, group)
+    key_rows: list[tuple[str, int]] = field(default_factory=list)
+    key_groups: dict[tuple[Any, ...], int] = field(default_factory=dict)
     stats: dict[str, RunningStats] = field(default_factory=dict)
     skipped: list[dict[str, str]] = field(default_factory=list)
     tables: dict[str, dict[str, Any]] = field(default_factory=dict)  # meta_tables of the shard
@@ -79,6 +84,14 @@ class _OpenShard:
 
 _KEY_RE = re.compile(r"^[A-Za-z0-9_\-/]+$")
 _TABLE_ID_CHARS = 12  # hex digits of sha256: ids of different values never meet in practice
+KEYS_VERSION = 1
+
+
+def keys_name(index: int) -> str:
+    """The key index beside shard `index` (shard-000042.keys.json): every sample's `__key__`
+    in shard order and its JSON (patch, fold, split, group), so a set's keys and splits are listed
+    without reading the tar (pimc_dist.eval.leakage; older sets fall back to a header scan)."""
+    return f"shard-{index:06d}.keys.json"
 
 
 def table_id(value: Any) -> str:
@@ -271,6 +284,14 @@ class ShardSetWriter:
             "split_counts": shard.splits,
             "fold_counts": shard.folds,
         }
+        keys = {
+            "version": KEYS_VERSION,
+            "sha256": entry.sha256,
+            "keys": [k for k, _ in shard.key_rows],
+            "group": [g for _, g in shard.key_rows],
+            "groups": [list(g) for g in shard.key_groups],
+        }
+        write_json_atomic(self.out_dir / keys_name(shard.index), keys, indent=None)
         write_json_atomic(self.out_dir / sidecar_name(shard.index), sidecar, sort_keys=True)
         if final.exists():
             shard.tmp.unlink(missing_ok=True)  # identical bytes: the rerun changes nothing
@@ -327,6 +348,9 @@ class ShardSetWriter:
         if key in shard.keys:
             raise ValueError(f"sample key {key!r} appears twice in {shard_name(shard.index)}")
         shard.keys.add(key)
+        meta_of = sample.get("json") if isinstance(sample.get("json"), Mapping) else {}
+        group = tuple(meta_of.get(k) for k in ("patch", "fold", "split", "group"))
+        shard.key_rows.append((key, shard.key_groups.setdefault(group, len(shard.key_groups))))
         for k, (id_, value) in shared.items():
             table = shard.tables.setdefault(k, {})
             if id_ not in table:

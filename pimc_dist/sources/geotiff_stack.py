@@ -220,32 +220,51 @@ class GeoTiffStackSource:
 
         expected = len(self.dates) * len(self.band_names)
         self._layouts = []
+        # Of several stacks, one that cannot be read (truncated, wrong band count, label
+        # raster that does not fit) is one patch that fails to read: skipped and listed by
+        # the sharding like a bad patch; if none can be read, the first error stops here.
+        errors: list[SourceError] = []
         for path, lpath in zip(self.paths, self.label_paths, strict=True):
-            layout = _tiff_layout(path)
-            if layout["n_bands"] != expected:
-                raise SourceError(
-                    path,
-                    f"has {layout['n_bands']} bands, expected {len(self.dates)} dates x "
-                    f"{len(self.band_names)} bands = {expected}",
-                )
-            if lpath is not None:
-                label_layout = _tiff_layout(lpath)
-                if label_layout["n_bands"] != 1:
-                    raise SourceError(
-                        lpath, f"label raster has {label_layout['n_bands']} bands, expected 1"
-                    )
-                if (label_layout["height"], label_layout["width"]) != (
-                    layout["height"],
-                    layout["width"],
-                ):
-                    raise SourceError(
-                        lpath,
-                        f"label raster is {label_layout['height']}x{label_layout['width']} px, "
-                        f"image {path.name} is {layout['height']}x{layout['width']}",
-                    )
-                layout["label"] = label_layout
-            self._layouts.append(layout)
+            try:
+                self._layouts.append(self._layout(path, lpath, expected))
+            except SourceError as err:
+                if len(self.paths) == 1:
+                    raise
+                errors.append(err)
+                self._layouts.append({"error": err, "height": 1, "width": 1})
+        if len(errors) == len(self.paths):
+            raise errors[0]
+        self.unreadable = [str(e) for e in errors]
+        self._finish_init(patch_size, split)
 
+    def _layout(self, path: Path, lpath: Path | None, expected: int) -> dict[str, Any]:
+        """The layout of stack `path` (and of its label raster); SourceError if unusable."""
+        layout = _tiff_layout(path)
+        if layout["n_bands"] != expected:
+            raise SourceError(
+                path,
+                f"has {layout['n_bands']} bands, expected {len(self.dates)} dates x "
+                f"{len(self.band_names)} bands = {expected}",
+            )
+        if lpath is not None:
+            label_layout = _tiff_layout(lpath)
+            if label_layout["n_bands"] != 1:
+                raise SourceError(
+                    lpath, f"label raster has {label_layout['n_bands']} bands, expected 1"
+                )
+            if (label_layout["height"], label_layout["width"]) != (
+                layout["height"],
+                layout["width"],
+            ):
+                raise SourceError(
+                    lpath,
+                    f"label raster is {label_layout['height']}x{label_layout['width']} px, "
+                    f"image {path.name} is {layout['height']}x{layout['width']}",
+                )
+            layout["label"] = label_layout
+        return layout
+
+    def _finish_init(self, patch_size: int | None, split: str | None) -> None:
         stems = [p.stem for p in self.paths]
         unique = len(set(stems)) == len(stems)
         self._names = stems if unique else [f"{i}_{s}" for i, s in enumerate(stems)]
@@ -309,6 +328,8 @@ class GeoTiffStackSource:
         index %= len(self)
         i, row, col = self._windows[index]
         layout = self._layouts[i]
+        if "error" in layout:
+            raise layout["error"]  # an unreadable stack of several: skipped like a bad patch
         image, label_image = self._image(i)
         height = min(self.patch_size or layout["height"], layout["height"] - row)
         width = min(self.patch_size or layout["width"], layout["width"] - col)

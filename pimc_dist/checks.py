@@ -1,0 +1,251 @@
+"""The config check every entry point runs before any work, and `launch` before submitting.
+
+`check_job(cfg, kind)` checks, in order, what a job would otherwise find out only
+at its first step (on a cluster: after the queue wait, as a traceback):
+
+- value ranges (`check_values`): batch size and step counts >= 1, lr > 0,
+  fractions in [0, 1], choices among their allowed words;
+- for pretraining, the config against the shard set it reads (`check_shards`):
+  the manifest parses (a `shardset.read_manifest` error names the file), it was
+  made for the config's method, it holds the views the loader reads, and its
+  channels and sizes are those of the model's encoders;
+- for fine-tuning, each split's shard set parses and holds the task's inputs.
+
+Every failure is a `config.ConfigError` naming the key (and the file); the CLIs turn
+it into one message and exit status 2. Schema, types and interpolations are checked
+by `config.load` itself. Nothing heavy is built here (no model, no loader).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from safetensors import safe_open
+
+from pimc_dist.config import ConfigError
+from pimc_dist.shardset import ShardError, read_manifest
+
+# key -> (low, high, low_inclusive); None = unbounded.
+_RANGES: dict[str, tuple[float | None, float | None, bool]] = {
+    "train.batch_size": (1, None, True),
+    "train.grad_accum": (1, None, True),
+    "train.total_samples": (1, None, True),
+    "train.lr": (0, None, False),
+    "train.min_lr": (0, None, True),
+    "train.weight_decay": (0, None, True),
+    "train.warmup_fraction": (0, 1, True),
+    "train.grad_clip": (0, None, True),
+    "train.ckpt_every_steps": (1, None, True),
+    "train.keep_last": (1, None, True),
+    "train.log_every_steps": (1, None, True),
+    "train.max_nonfinite_in_row": (1, None, True),
+    "train.collective_timeout_s": (1, None, True),
+    "train.stop_after_steps": (1, None, True),
+    "loader.workers": (0, None, True),
+    "loader.shuffle_buffer": (0, None, True),
+    "loader.prefetch_factor": (1, None, True),
+    "loader.max_excluded_fraction": (0, 1, True),
+    "loader.max_shard_loss_fraction": (0, 1, True),
+    "data.max_skipped_fraction": (0, 1, True),
+    "data.max_samples_per_shard": (1, None, True),
+    "data.max_shard_bytes": (1, None, True),
+    "data.workers": (0, None, True),
+    "data.pixels_per_patch": (1, None, True),
+    "data.patch_size": (1, None, True),
+    "data.crop_size": (1, None, True),
+    "data.grid_step_days": (1, None, True),
+    "data.rp_size": (0, None, True),
+    "data.label_threshold": (0, 1, True),
+    "loss.label_fraction": (0, 1, False),
+    "loss.max_logit_scale": (0, None, False),
+    "model.init_temperature": (0, None, False),
+    "finetune.label_fraction": (0, 1, False),
+    "deepspeed.zero_stage": (0, 3, True),
+}
+_CHOICES: dict[str, tuple[str, ...]] = {
+    "method": ("pimc", "mosaic"),
+    "loss.name": ("clip", "siglip", "mosaic"),
+    "loader.verify": ("none", "size", "sha256"),
+    "loader.rp_on_the_fly": ("off", "cpu", "gpu"),
+    "tracking.mode": ("offline", "online", "disabled"),
+}
+# The views each method's training step reads.
+METHOD_VIEWS = {"pimc": ("rp", "rsi"), "mosaic": ("s2", "s1")}
+
+
+def _get(cfg: Any, key: str) -> Any:
+    node = cfg
+    for part in key.split("."):
+        if node is None or part not in node:
+            return None
+        node = node[part]
+    return node
+
+
+def check_values(cfg: Any) -> None:
+    """Value ranges and choices of the keys every job shares; ConfigError naming the key."""
+    for key, (low, high, low_inclusive) in _RANGES.items():
+        value = _get(cfg, key)
+        if value is None:
+            continue
+        value = float(value)
+        if low is not None and (value < low or (value == low and not low_inclusive)):
+            bound = f">= {low:g}" if low_inclusive else f"> {low:g}"
+            raise ConfigError(f"invalid key '{key}': {value:g} is not {bound}")
+        if high is not None and value > high:
+            raise ConfigError(f"invalid key '{key}': {value:g} is above {high:g}")
+    for key, allowed in _CHOICES.items():
+        value = _get(cfg, key)
+        if value is not None and value not in allowed:
+            raise ConfigError(f"invalid key '{key}': '{value}' is not one of {', '.join(allowed)}")
+    betas = list(_get(cfg, "train.betas") or [])
+    if len(betas) != 2 or not all(0.0 <= float(b) < 1.0 for b in betas):
+        raise ConfigError(f"invalid key 'train.betas': {betas} is not two values in [0, 1)")
+
+
+def read_shard_manifest(folder: str | Path, key: str) -> Any:
+    """The manifest of the shard set at `folder`, read for the config key `key`; a missing or
+    invalid manifest is a ConfigError naming the key and the file."""
+    path = Path(folder) / "manifest.json"
+    if not path.is_file():
+        raise ConfigError(
+            f"invalid key '{key}': no shards found at {folder} (no manifest.json); make them "
+            "with `python -m pimc_dist.shard --config <your data or pretrain YAML>`"
+        )
+    try:
+        return read_manifest(folder)
+    except ShardError as exc:
+        raise ConfigError(f"invalid key '{key}': unreadable shard manifest: {exc}") from None
+
+
+def check_no_data_config(cfg: Any, job: str) -> None:
+    """A job that trains a model given a config with no model (a data config): say so."""
+    if cfg.model.views:
+        return
+    raise ConfigError(
+        f"invalid key 'model.views': no model is configured; this looks like a data config "
+        f"(it sets data.* for `python -m pimc_dist.shard`), not a {job} config: give a "
+        "config that names the model's views (e.g. configs/pretrain/tiny.yaml, which starts "
+        "from a data config with `base:`)"
+    )
+
+
+def _stored_view(manifest: Any, view: str, cfg: Any) -> tuple[int, int] | None:
+    """(channels, size) of the `view` the loader gives the model, from the manifest."""
+    if view == "rp" and str(cfg.loader.rp_on_the_fly) != "off":
+        series = manifest.views.get("series")
+        if series is None:
+            return None
+        return int(series.shape[0]), int(cfg.data.rp_size) or int(series.shape[-1])
+    spec = manifest.views.get(view)
+    if spec is None or len(spec.shape) < 3:
+        return None
+    return int(spec.shape[0]), int(spec.shape[-1])
+
+
+def check_shards(cfg: Any) -> Any:
+    """The pretraining config against its shard set (`loader.shards`); returns the manifest."""
+    manifest = read_shard_manifest(cfg.loader.shards, "loader.shards")
+    where = manifest.path
+    if manifest.kind in METHOD_VIEWS and manifest.kind != cfg.method:
+        raise ConfigError(
+            f"invalid key 'method': {cfg.method}, but the shards at {cfg.loader.shards} were "
+            f"made for {manifest.kind} ({where}: kind {manifest.kind}, views "
+            f"{sorted(manifest.views)}); use a {manifest.kind} config or shards made for "
+            f"{cfg.method}"
+        )
+    on_the_fly = str(cfg.loader.rp_on_the_fly) != "off"
+    stored = [v for v in cfg.loader.views if not (v == "rp" and on_the_fly)]
+    if "rp" in cfg.loader.views and on_the_fly:
+        stored.append("series")
+    missing = [v for v in stored if v not in manifest.views]
+    if missing:
+        raise ConfigError(
+            f"invalid key 'loader.views': {missing} not in the shard set {where} "
+            f"(it has {sorted(manifest.views)})"
+        )
+    problems = []  # channels first: a model for other bands is the bigger mistake
+    sizes = []
+    for view, spec in cfg.model.views.items():
+        shape = _stored_view(manifest, view, cfg) if view in cfg.loader.views else None
+        if shape is None:
+            continue
+        chans, size = shape
+        if spec.get("in_chans") is not None and int(spec.in_chans) != chans:
+            problems.append(
+                f"invalid key 'model.views.{view}.in_chans': {spec.in_chans}, but view "
+                f"'{view}' of the shard set has {chans} channel(s)"
+            )
+        if spec.get("img_size") is not None and int(spec.img_size) != size:
+            sizes.append(
+                f"invalid key 'model.views.{view}.img_size': {spec.img_size}, but view "
+                f"'{view}' of the shard set is {size} x {size}"
+            )
+    if problems or sizes:
+        raise ConfigError(
+            "; ".join(problems + sizes)
+            + f" ({where}); the model does not fit these shards: fix model.views or "
+            "loader.shards"
+        )
+    return manifest
+
+
+def check_split_shards(folders: dict[str, str], inputs: list[str]) -> None:
+    """Fine-tuning: each split's shard set parses and holds the task's stored inputs."""
+    for split, folder in folders.items():
+        key = f"finetune.{split}_shards"
+        manifest = read_shard_manifest(folder, key)
+        missing = [v for v in inputs if v not in manifest.views and v != "rp"]
+        if missing:
+            raise ConfigError(
+                f"invalid key '{key}': input view(s) {missing} not in the shard set "
+                f"{manifest.path} (it has {sorted(manifest.views)})"
+            )
+
+
+def check_pretrain(cfg: Any) -> None:
+    """Everything a pretraining checks before work that needs no model: values, views, shards."""
+    check_values(cfg)
+    check_no_data_config(cfg, "pretraining")
+    needed = set(METHOD_VIEWS[cfg.method])
+    absent = needed - set(cfg.loader.views)
+    if absent and not (absent == {"rp"} and cfg.loader.rp_on_the_fly != "off"):
+        raise ConfigError(
+            f"invalid key 'loader.views': method {cfg.method} needs views {sorted(absent)}"
+        )
+    check_shards(cfg)
+
+
+__all__ = [
+    "METHOD_VIEWS",
+    "check_no_data_config",
+    "check_pretrain",
+    "check_shards",
+    "check_split_shards",
+    "check_values",
+    "check_weights_file",
+    "read_shard_manifest",
+]
+
+
+def check_weights_file(ckpt: str | Path, key: str = "finetune.ckpt") -> None:
+    """The encoder weights named by `key` (a safetensors file, or a run folder holding
+    encoders.safetensors) open, and every tensor lies inside the file (not truncated)."""
+    path = Path(ckpt)
+    if path.is_dir():
+        path = path / "encoders.safetensors"
+        if not path.is_file():
+            return  # the job says what the folder lacks
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            names = list(f.keys())
+            for name in names:
+                f.get_slice(name).get_shape()
+    except Exception as exc:  # safetensors' own SafetensorError, or OSError
+        raise ConfigError(
+            f"invalid key '{key}': {path} is not a readable safetensors file "
+            f"(truncated or corrupt?): {exc}"
+        ) from None
+    if not names:
+        raise ConfigError(f"invalid key '{key}': {path} holds no tensors")

