@@ -97,18 +97,24 @@ class LoadedEncoder:
             return self.module(batch)
 
 
-def _weights_and_config(path: Path) -> tuple[Path, Path]:
+def find_weights(path: Path) -> Path:
+    """The encoders file of a pretraining run folder (its `encoders.safetensors`), or `path`
+    itself when it is a file; FileNotFoundError, saying which, when there is none."""
     if path.is_dir():
         weights = path / WEIGHTS_FILE
         if not weights.is_file():
             raise FileNotFoundError(
-                f"{path}: holds no {WEIGHTS_FILE} (did the pretraining finish? it exports the "
+                f"{path} holds no {WEIGHTS_FILE} (did the pretraining finish? it exports the "
                 "encoders at the end)"
             )
-    elif path.is_file():
-        weights = path
-    else:
-        raise FileNotFoundError(f"{path}: no such run folder or encoders file")
+        return weights
+    if path.is_file():
+        return path
+    raise FileNotFoundError(f"{path} does not exist (no run folder or encoders file)")
+
+
+def _weights_and_config(path: Path) -> tuple[Path, Path]:
+    weights = find_weights(path)
     run_config = weights.parent / config_lib.CONFIG_FILE
     if not run_config.is_file():
         raise FileNotFoundError(

@@ -1,4 +1,5 @@
-"""Shared by the launcher tests: tiny shards, reading a run folder, and the resume check.
+"""Shared by the launcher and sharding tests: tiny shards, reading a shard set back, the
+environment of a CPU rank, reading a run folder, and the resume check.
 
 `check_logged_steps` is the rule a requeued pretraining must follow in its
 metrics.jsonl: every logged step once, in order, except that a run resumed from
@@ -9,16 +10,53 @@ attempt stopped (at most one checkpoint interval), and nothing else.
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 
 from conftest import REPO
 
+from pimc_dist.shardset import (
+    Manifest,
+    decode_meta,
+    decode_npy,
+    decode_png,
+    iter_shard_samples,
+    read_manifest,
+)
+
 TINY = REPO / "configs" / "pretrain" / "tiny.yaml"
+# configs/pretrain/tiny.yaml with ViT towers (42 px plots in 7x7 patches, 16 px crops in 4x4).
+VIT_TOWERS = [
+    "model.views.rp.encoder=vit_tiny",
+    "model.views.rp.patch_size=6",
+    "model.views.rp.width=null",
+    "model.views.rsi.encoder=vit_tiny",
+    "model.views.rsi.patch_size=4",
+    "model.views.rsi.width=null",
+]
 
 # What every rank prints first (pimc_dist.jobs.EntryJob):
 # "[launch] pretrain rank 1/2 (local 0, node 1 n2) from submitit-slurm; ..."
 RANK_LINE = re.compile(r"\[launch\] \w+ rank (\d+)/(\d+) \(local \d+, node (\d+) (\S+)\)")
+
+
+def cpu_rank_env(rank: int, world: int, port: int) -> dict[str, str]:
+    """This environment plus what torchrun gives rank `rank` of `world` on this machine
+    (rendezvous at 127.0.0.1:`port`), on CPU, one thread, W&B offline, output unbuffered."""
+    return dict(
+        os.environ,
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_WORLD_SIZE=str(world),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        OMP_NUM_THREADS="1",
+        DS_ACCELERATOR="cpu",
+        WANDB_MODE="offline",
+        PYTHONUNBUFFERED="1",
+    )
 
 
 def build_tiny_shards(root: Path) -> Path:
@@ -41,6 +79,25 @@ def build_tiny_shards(root: Path) -> Path:
     )
     assert shard.main(cfg) == 0
     return root / "shards"
+
+
+def read_shard_set(out: Path) -> tuple[Manifest, list[dict]]:
+    """A shard set's manifest and every sample, decoded with shardset's reader, in manifest
+    order (arrays for .npy / .png members, the JSON as a dict)."""
+    manifest = read_manifest(out)
+    decoded = []
+    for path in manifest.shard_paths():
+        for raw in iter_shard_samples(path):
+            sample = {"__key__": raw["__key__"]}
+            for suffix, data in raw.items():
+                if suffix.endswith(".npy"):
+                    sample[suffix] = decode_npy(bytes(data))
+                elif suffix.endswith(".png"):
+                    sample[suffix] = decode_png(bytes(data))
+                elif suffix == "json":
+                    sample[suffix] = decode_meta(bytes(data), manifest)
+            decoded.append(sample)
+    return manifest, decoded
 
 
 def metrics_steps(run_dir: Path) -> list[int]:

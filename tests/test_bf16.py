@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import subprocess
 import sys
 import time
@@ -28,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from launch_helpers import build_tiny_shards, resumed_at
+from launch_helpers import build_tiny_shards, cpu_rank_env, resumed_at
 from safetensors.torch import load_file
 from torch import nn
 
@@ -67,19 +66,7 @@ def run_job(
     attempt = len(list(run_dir.parent.glob(f"{run_dir.name}.*.rank0.log")))
     procs = []
     for rank in range(world):
-        env = dict(
-            os.environ,
-            RANK=str(rank),
-            LOCAL_RANK=str(rank),
-            WORLD_SIZE=str(world),
-            LOCAL_WORLD_SIZE=str(world),
-            MASTER_ADDR="127.0.0.1",
-            MASTER_PORT=str(port),
-            OMP_NUM_THREADS="1",
-            DS_ACCELERATOR="cpu",
-            WANDB_MODE="offline",
-            PYTHONUNBUFFERED="1",
-        )
+        env = cpu_rank_env(rank, world, port)
         log = run_dir.parent / f"{run_dir.name}.{attempt}.rank{rank}.log"
         args = [f"train.run_dir={run_dir}", "train.collective_timeout_s=120", *overrides]
         with open(log, "w") as out:
@@ -237,6 +224,7 @@ def test_pimc_bf16_zero1_follows_the_fp32_loss_curve_and_exports_float32(fp32_ru
     assert module["encoders.rp.bn1.running_var"].dtype == torch.float32
 
 
+@pytest.mark.slow
 def test_pimc_bf16_zero2_checkpoints_and_resumes_like_an_uninterrupted_run(
     tmp_path, shards, fp32_run, bf16_run
 ):
@@ -257,6 +245,7 @@ def test_pimc_bf16_zero2_checkpoints_and_resumes_like_an_uninterrupted_run(
     assert_follows(resumed, losses(fp32_run), "PIMC ZeRO-2, resumed")
 
 
+@pytest.mark.slow
 def test_mosaic_bf16_zero2_follows_the_fp32_loss_curve(tmp_path, mosaic_shards):
     small = [
         f"loader.shards={mosaic_shards}", "data.root=/nowhere", "loader.workers=1",
@@ -309,6 +298,7 @@ def finetune_result(run: Path) -> dict:
     return json.loads((run / "result.json").read_text())
 
 
+@pytest.mark.slow
 def test_finetune_in_bf16_follows_fp32_from_a_bf16_pretraining(tmp_path, bf16_run, pastis):
     common = [
         f"finetune.ckpt={bf16_run}", f"loader.shards={pastis}", "loader.workers=0",

@@ -21,7 +21,7 @@ from omegaconf import OmegaConf
 
 from pimc_dist import config as config_lib
 from pimc_dist import shard, shardset, tracking
-from pimc_dist.eval import downstream, finetune, probe, tasks
+from pimc_dist.eval import downstream, finetune, probe, reading, tasks
 from pimc_dist.models import export_encoder_state, read_weights_file, save_encoder_weights
 from pimc_dist.shardset import ShardError
 from pimc_dist.sources.fixtures import write_pastis
@@ -183,7 +183,7 @@ def test_label_subset_is_seeded_sorted_and_keeps_at_least_one():
 def test_forecast_split_has_plots_of_the_input_window_and_residual_targets(pastis, tmp_path):
     cfg = ft_config("pastis_forecast", tmp_path / "run", pastis, "finetune.init=random")
     task = tasks.get_task("pastis_forecast")
-    splits, report = tasks.read_splits(cfg, task, ["rp", "series"])
+    splits, report = reading.read_splits(cfg, task, ["rp", "series"])
     assert report["samples"] == {"train": 96, "val": 32, "test": 32}
     test = splits["test"]
     # Against the stored samples: plots of the first 32 steps, target = the next 10.
@@ -297,7 +297,7 @@ def test_forecast_linear_probe_reports_rmse_per_index_and_baselines(pastis, pimc
     assert set(result["baselines"]) == {"persistence", "climatology"}
     # Persistence by hand from the test split.
     task = tasks.get_task("pastis_forecast")
-    test = tasks.read_splits(cfg, task, ["series"], ["test"])[0]["test"]
+    test = reading.read_splits(cfg, task, ["series"], ["test"])[0]["test"]
     truth = test.target + test.base[..., None]
     rmse = float(np.sqrt(((truth - test.base[..., None]) ** 2).mean()))
     assert result["baselines"]["persistence"]["rmse"] == pytest.approx(rmse, rel=1e-6)
@@ -305,7 +305,7 @@ def test_forecast_linear_probe_reports_rmse_per_index_and_baselines(pastis, pimc
 
 def test_seasonal_naive_forecasts_the_value_one_year_earlier_on_the_grid(pastis, tmp_path):
     cfg = ft_config("pastis_forecast", tmp_path / "r", pastis)
-    assert tasks.season_steps(cfg) == 37  # a year of the fixture's 10-day grid
+    assert reading.season_steps(cfg) == 37  # a year of the fixture's 10-day grid
     rng = np.random.default_rng(0)
     window, future = rng.random((6, 3, 40)), rng.random((6, 3, 5))
     base = window[..., -1]

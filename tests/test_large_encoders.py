@@ -8,7 +8,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from launch_helpers import resumed_at
+from launch_helpers import VIT_TOWERS, resumed_at
 from safetensors.torch import load_file
 from test_engine import make_engine, process_group, tiny_cfg  # noqa: F401 (fixture)
 from test_pretrain import (  # noqa: F401 (fixture)
@@ -23,16 +23,6 @@ from test_pretrain import (  # noqa: F401 (fixture)
 
 from pimc_dist import config as config_lib
 from pimc_dist import engine, planning, pretrain
-
-# configs/pretrain/tiny.yaml with ViT towers (42 px plots in 7x7 patches, 16 px crops in 4x4).
-VIT_TOWERS = [
-    "model.views.rp.encoder=vit_tiny",
-    "model.views.rp.patch_size=6",
-    "model.views.rp.width=null",
-    "model.views.rsi.encoder=vit_tiny",
-    "model.views.rsi.patch_size=4",
-    "model.views.rsi.width=null",
-]
 
 
 def load_tiny(*overrides: str):
@@ -129,6 +119,7 @@ def test_the_engine_on_cpu_keeps_torch_default_adamw(tmp_path, process_group):  
     assert not optimizer.defaults["fused"]
 
 
+@pytest.mark.slow
 def test_zero3_with_a_vit_tower_saves_and_resumes_exactly(tmp_path, shards):  # noqa: F811
     common = [
         *VIT_TOWERS,
@@ -153,6 +144,7 @@ def test_zero3_with_a_vit_tower_saves_and_resumes_exactly(tmp_path, shards):  # 
     np.testing.assert_allclose([b[3], b[4]], [a[3], a[4]], rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_resume_onto_more_ranks_converts_to_universal(tmp_path, shards):  # noqa: F811
     common = ["deepspeed.zero_stage=2", "train.ckpt_every_steps=4", "train.log_every_steps=1"]
     run = tmp_path / "run"

@@ -48,7 +48,7 @@ LAYERS: dict[int, tuple[str, ...]] = {
         "pimc_dist.pretrain",
         "pimc_dist.planning",  # the cost model of a pretraining job, beside pretrain
         "pimc_dist.eval",
-        "pimc_dist.eval.*",
+        "pimc_dist.eval.*",  # tasks, reading (splits from shard sets), finetune_config, ...
         "pimc_dist.viz",
     ),
     # Runners: `python -m pimc_dist.<job>` and the submission around them; nothing below

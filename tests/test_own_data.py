@@ -18,7 +18,7 @@ from conftest import REPO, run_module
 
 from pimc_dist import config as config_lib
 from pimc_dist import shardset
-from pimc_dist.eval import tasks
+from pimc_dist.eval import reading, tasks
 from pimc_dist.sources.base import hash_split
 
 SIZE, PATCH = 48, 16  # 9 patches of 16 x 16 px
@@ -171,7 +171,7 @@ def test_the_evaluations_training_split_is_exactly_the_pretraining_set(own):
             REPO / "configs/finetune/pixel_cls.yaml",
             [f"loader.shards={work / shards}", "loader.workers=0", "tracking.wandb=false"],
         )
-        splits, _ = tasks.read_splits(cfg, tasks.get_task("pixel_cls"), ["series"], wanted)
+        splits, _ = reading.read_splits(cfg, tasks.get_task("pixel_cls"), ["series"], wanted)
         return {s: d.keys for s, d in splits.items()}
 
     full = keys("shards/my_stack", list(tasks.SPLITS))

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from launch_helpers import VIT_TOWERS
 
 from pimc_dist import config as config_lib
 from pimc_dist import plan as plan_cli
@@ -20,14 +21,6 @@ MOSAIC = REPO / "configs/pretrain/mosaic.yaml"
 
 # World 1, ZeRO-0, fp32: the one configuration a plain CPU step reproduces exactly.
 CPU_STEP = ["deepspeed.zero_stage=0", "deepspeed.bf16=false", "train.batch_size=16"]
-SMALL_VIT = [
-    "model.views.rp.encoder=vit_tiny",
-    "model.views.rp.patch_size=6",
-    "model.views.rp.width=null",
-    "model.views.rsi.encoder=vit_tiny",
-    "model.views.rsi.patch_size=4",
-    "model.views.rsi.width=null",
-]
 
 
 def measured_step_peak(cfg) -> int:
@@ -48,7 +41,7 @@ def measured_step_peak(cfg) -> int:
     return planning.peak_memory_bytes(job)
 
 
-@pytest.mark.parametrize("overrides", [[], SMALL_VIT], ids=["tiny", "small_vit"])
+@pytest.mark.parametrize("overrides", [[], VIT_TOWERS], ids=["tiny", "small_vit"])
 def test_memory_prediction_is_within_20_percent_of_the_measured_peak(overrides):
     cfg = config_lib.load(TINY, [*CPU_STEP, *overrides])
     measured = planning.measure(cfg)

@@ -124,6 +124,7 @@ def scores(result: dict, split: str) -> dict:
     return result["val_metrics" if split == "val" else "metrics"]
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_point_table_shards_pretrains_on_two_ranks_and_probes(tmp_path):
     rows = point_rows()

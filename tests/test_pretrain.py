@@ -8,7 +8,6 @@ test wraps the same entry point to inject a NaN loss, see ONE_NAN_ON_RANK_1).
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
 import subprocess
@@ -20,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import REPO
-from launch_helpers import build_tiny_shards, resumed_at
+from launch_helpers import build_tiny_shards, cpu_rank_env, resumed_at
 from safetensors.torch import load_file
 from test_tracking import wandb_history, wandb_runs
 
@@ -82,19 +81,7 @@ def start_ranks(
     attempt = len(list(run_dir.parent.glob(f"{run_dir.name}.*.rank0.log")))
     procs = []
     for rank in range(world):
-        env = dict(
-            os.environ,
-            RANK=str(rank),
-            LOCAL_RANK=str(rank),
-            WORLD_SIZE=str(world),
-            LOCAL_WORLD_SIZE=str(world),
-            MASTER_ADDR="127.0.0.1",
-            MASTER_PORT=str(port),
-            OMP_NUM_THREADS="1",
-            DS_ACCELERATOR="cpu",
-            WANDB_MODE="offline",
-            PYTHONUNBUFFERED="1",
-        )
+        env = cpu_rank_env(rank, world, port)
         args = [
             f"train.run_dir={run_dir}",
             f"loader.shards={shards}",

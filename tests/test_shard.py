@@ -20,6 +20,7 @@ import pytest
 import tifffile
 from conftest import REPO, run_module
 from fixtures_scenes import write_eurosat, write_sen12ms
+from launch_helpers import read_shard_set
 
 from pimc_dist import config as config_lib
 from pimc_dist import samples
@@ -28,11 +29,7 @@ from pimc_dist.shard_plan import PLAN_NAME
 from pimc_dist.shardset import (
     MANIFEST_NAME,
     REPORT_NAME,
-    decode_meta,
-    decode_npy,
-    decode_png,
     encode_json,
-    iter_shard_samples,
     read_manifest,
     verify,
 )
@@ -89,24 +86,6 @@ def clean(pastis, tmp_path_factory) -> Path:
 # --- exact read-back ----------------------------------------------------------------------
 
 
-def decode_set(out: Path) -> list[dict]:
-    """Every sample of a shard set, decoded with shardset's reader, in manifest order."""
-    decoded = []
-    manifest = read_manifest(out)
-    for path in manifest.shard_paths():
-        for raw in iter_shard_samples(path):
-            sample = {"__key__": raw["__key__"]}
-            for suffix, data in raw.items():
-                if suffix.endswith(".npy"):
-                    sample[suffix] = decode_npy(bytes(data))
-                elif suffix.endswith(".png"):
-                    sample[suffix] = decode_png(bytes(data))
-                elif suffix == "json":
-                    sample[suffix] = decode_meta(bytes(data), manifest)
-            decoded.append(sample)
-    return decoded
-
-
 def expected_samples(cfg) -> tuple[list[dict], object]:
     """Samples built straight from the reader's records with pimc_dist.samples."""
     source = open_source(cfg.data)
@@ -136,7 +115,7 @@ def expected_samples(cfg) -> tuple[list[dict], object]:
 
 def assert_read_back_exactly(out: Path, cfg) -> list[dict]:
     expected, source = expected_samples(cfg)
-    decoded = decode_set(out)
+    decoded = read_shard_set(out)[1]
     assert [s["__key__"] for s in decoded] == [s["__key__"] for s in expected]
     for got, want in zip(decoded, expected, strict=True):
         assert set(got) == set(want), got["__key__"]
@@ -256,7 +235,7 @@ def test_mosaic_shards_hold_the_raw_file_values_exactly(name, tmp_path, pastis, 
     code, _, err = _run(capsys, *_args(out, root, *extra, config=config))
     assert code == 0, err
     raw = _raw_reben(root) if name == "reben" else _raw_sen12ms(root)
-    decoded = decode_set(out)
+    decoded = read_shard_set(out)[1]
     assert len(decoded) == (18 if name == "reben" else len(raw))  # reben.yaml drops snow/cloud
     for sample in decoded:
         s2, s1 = raw[sample["json"]["patch"]]
@@ -274,7 +253,7 @@ def test_reader_options_reach_the_readers_from_the_cli(tmp_path, capsys):
     out = tmp_path / "rgb"
     argv = _args(out, tmp_path / "EuroSAT", "data.eurosat_bands=rgb", config="eurosat")
     assert _run(capsys, *argv)[0] == 0
-    decoded = decode_set(out)
+    decoded = read_shard_set(out)[1]
     assert len(decoded) == 10
     for sample in decoded:
         jpg = next((tmp_path / "EuroSAT" / "2750").rglob(sample["json"]["patch"] + ".jpg"))
@@ -292,7 +271,7 @@ def test_reader_options_reach_the_readers_from_the_cli(tmp_path, capsys):
     out = tmp_path / "s1"
     argv = _args(out, root, "data.with_s1=true", "data.max_samples_per_shard=100")
     assert _run(capsys, *argv)[0] == 0
-    for sample in decode_set(out):
+    for sample in read_shard_set(out)[1]:
         pid, r, c = sample["json"]["patch"], sample["json"]["row"], sample["json"]["col"]
         series = [np.load(root / f"DATA_{o}" / f"{o}_{pid}.npy") for o in ("S1A", "S1D")]
         centre = np.concatenate([np.median(a[:, :, r, c], axis=0) for a in series])
@@ -342,7 +321,7 @@ def test_geotiff_stack_with_label_rasters_and_reflectance_values_via_the_cli(tmp
     argv = ["--config", str(config), f"data.shard_dir={out}", "data.workers=1", "data.nodata=null"]
     code, _, err = _run(capsys, *argv)
     assert code == 0, err
-    decoded = decode_set(out)
+    decoded = read_shard_set(out)[1]
     assert len(decoded) == 2 * 4 * 4  # 2 stacks x 4 patches x 4 pixels
     for sample in decoded:
         meta = sample["json"]
@@ -577,7 +556,7 @@ def test_truncated_npy_is_skipped_and_listed(damaged, clean, tmp_path, capsys):
     assert (
         manifest.skipped == 1 and manifest.total_samples == read_manifest(clean).total_samples - 8
     )
-    assert all(s["json"]["patch"] != str(pid) for s in decode_set(out))
+    assert all(s["json"]["patch"] != str(pid) for s in read_shard_set(out)[1])
     # Fixed file: --retry-skipped rewrites the shard that lost the patch; same bytes as clean.
     s2.write_bytes(original)
     code, stdout, _ = _run(capsys, *_args(out, damaged), "--retry-skipped")
@@ -645,7 +624,7 @@ def test_all_nan_pixel_is_listed_and_never_sampled(damaged, tmp_path, capsys):
     (entry,) = _skipped(out)
     assert entry["key"] == str(pid)
     assert entry["reason"] == "pixels skipped: 1 of 1024 pixels have no valid observation"
-    decoded = decode_set(out)
+    decoded = read_shard_set(out)[1]
     mine = [s for s in decoded if s["json"]["patch"] == str(pid)]
     assert len(mine) == len(decoded) > 900 and (5, 6) not in {
         (s["json"]["row"], s["json"]["col"]) for s in mine

@@ -18,17 +18,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import REPO, run_module
+from launch_helpers import read_shard_set
 
 from pimc_dist import config as config_lib
 from pimc_dist import samples
 from pimc_dist.shard import cli
-from pimc_dist.shardset import (
-    decode_meta,
-    decode_npy,
-    decode_png,
-    iter_shard_samples,
-    read_manifest,
-)
 from pimc_dist.sources import open_source
 from pimc_dist.sources.base import (
     SourceError,
@@ -336,23 +330,6 @@ def test_rows_disagreeing_on_a_label_and_missing_files_are_named(tmp_path):
 # --- sharding end to end ------------------------------------------------------------------
 
 
-def read_set(out: Path) -> tuple[object, list[dict]]:
-    manifest = read_manifest(out)
-    decoded = []
-    for path in manifest.shard_paths():
-        for raw in iter_shard_samples(path):
-            sample = {"__key__": raw["__key__"]}
-            for suffix, data in raw.items():
-                if suffix.endswith(".npy"):
-                    sample[suffix] = decode_npy(bytes(data))
-                elif suffix.endswith(".png"):
-                    sample[suffix] = decode_png(bytes(data))
-                elif suffix == "json":
-                    sample[suffix] = decode_meta(bytes(data), manifest)
-            decoded.append(sample)
-    return manifest, decoded
-
-
 def test_cli_shards_a_table_into_a_readable_set(tmp_path):
     table = write_table(tmp_path / "points.csv.gz", ROWS)
     out = tmp_path / "shards"
@@ -362,7 +339,7 @@ def test_cli_shards_a_table_into_a_readable_set(tmp_path):
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.count("2 same-day acquisitions merged") == 1
-    manifest, decoded = read_set(out)
+    manifest, decoded = read_shard_set(out)
     assert manifest.classes == ["bare", "wheat"] and manifest.total_samples == 3
     assert sorted(s["__key__"] for s in decoded) == ["a", "b", "c"]
     assert all("rsi.npy" not in s for s in decoded)
@@ -426,7 +403,7 @@ def test_dl4sits_slice_converted_to_long_format_shards(tmp_path, capsys):
          "data.workers=1", "data.grid_step_days=5"]
     )  # fmt: skip
     assert code == 0, capsys.readouterr().err
-    manifest, decoded = read_set(out)
+    manifest, decoded = read_shard_set(out)
     assert manifest.classes[2] == "Cereals" and manifest.total_samples == 16
     assert {s["json"]["label"] for s in decoded} == set(range(8))
     series = np.stack([s["series.npy"] for s in decoded]).astype(np.float32)
@@ -451,7 +428,7 @@ def test_ucr_crop_ndvi_slice_converted_to_long_format_shards(tmp_path, capsys):
          "data.band_names=[NDVI]", "data.workers=1", "data.grid_step_days=8"]
     )  # fmt: skip
     assert code == 0, capsys.readouterr().err
-    manifest, decoded = read_set(out)
+    manifest, decoded = read_shard_set(out)
     assert manifest.total_samples == len(data)
     assert decoded[0]["series.npy"].shape == (1, 46) and decoded[0]["rp.png"].shape == (1, 46, 46)
     k = int(decoded[0]["__key__"][4:])

@@ -18,10 +18,9 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from pimc_dist import config as config_lib
+from pimc_dist.encoders import find_weights
 from pimc_dist.eval.tasks import ENCODED_VIEWS, SplitData, Task, TaskError
 from pimc_dist.models import SeriesCNN, build_encoder, load_encoder_weights
-
-WEIGHTS_FILE = "encoders.safetensors"
 
 
 class FinetuneError(RuntimeError):
@@ -50,17 +49,10 @@ def resolve_encoder_source(cfg: Any) -> EncoderSource:
     weights = None
     run_config = None
     if ckpt is not None:
-        if ckpt.is_dir():
-            weights = ckpt / WEIGHTS_FILE
-            if not weights.is_file():
-                raise FinetuneError(
-                    f"finetune.ckpt: {ckpt} holds no {WEIGHTS_FILE} (did the pretraining finish? "
-                    "it exports the encoders at the end)"
-                )
-        elif ckpt.is_file():
-            weights = ckpt
-        else:
-            raise FinetuneError(f"finetune.ckpt: {ckpt} does not exist")
+        try:
+            weights = find_weights(ckpt)
+        except FileNotFoundError as exc:
+            raise FinetuneError(f"finetune.ckpt: {exc}") from None
         candidate = weights.parent / config_lib.CONFIG_FILE
         if candidate.is_file():
             run_config = config_lib.from_yaml_text(candidate.read_text(), str(candidate))

@@ -52,7 +52,8 @@ from typing import Any
 from pimc_dist import config as config_lib
 from pimc_dist import shardset
 from pimc_dist.distributed import gather_objects
-from pimc_dist.eval.tasks import SplitRule, split_of, split_shards
+from pimc_dist.eval.reading import split_shards
+from pimc_dist.eval.tasks import SplitRule, split_of
 from pimc_dist.shardset.writer import KEYS_VERSION
 
 SCORED_SPLITS = ("val", "test")

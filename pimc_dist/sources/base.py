@@ -222,6 +222,19 @@ def split_fractions(fractions: Mapping[str, float] | None) -> dict[str, float]:
     return out
 
 
+def hash_split_settings(
+    fractions: Mapping[str, float] | None, seed: int, split: str | None
+) -> tuple[dict[str, float], int, str | None]:
+    """A reader's `data.hash_split` fractions (checked, see `split_fractions`), its
+    `data.split_seed`, and the one split it keeps (None: all), which must be one of them."""
+    parts = split_fractions(fractions)
+    if split is not None and split not in parts:
+        raise ValueError(
+            f"split {split!r} is not one of the data.hash_split splits {sorted(parts)}"
+        )
+    return parts, int(seed), split
+
+
 def hash_split(group_id: Any, seed: int, fractions: Mapping[str, float] | None = None) -> str:
     """The split of a group (patch, parcel, polygon, sample): a seeded hash, so the same group
     always lands in the same split whatever else is in the dataset, and a share `fractions[s]`

@@ -37,9 +37,9 @@ from pimc_dist.sources.base import (
     TimeSeriesPatch,
     check_label_values,
     hash_split,
+    hash_split_settings,
     merge_same_day,
     same_day_count,
-    split_fractions,
 )
 from pimc_dist.sources.tiff_io import checked_tiff
 
@@ -192,14 +192,9 @@ class GeoTiffStackSource:
             raise ValueError("band_names and dates must not be empty")
         self.class_names = [str(c) for c in class_names]
         self.label_ignore = tuple(int(v) for v in label_ignore)
-        self.hash_fractions = split_fractions(hash_fractions)
-        self.split_seed = int(split_seed)
-        if split is not None and split not in self.hash_fractions:
-            raise ValueError(
-                f"split {split!r} is not one of the data.hash_split splits "
-                f"{sorted(self.hash_fractions)}"
-            )
-        self.split = split
+        self.hash_fractions, self.split_seed, self.split = hash_split_settings(
+            hash_fractions, split_seed, split
+        )
         if len(set(self.band_names)) != len(self.band_names):
             raise ValueError(f"duplicate band names in {self.band_names}")
         self.order = order

@@ -47,8 +47,8 @@ from pimc_dist.sources.base import (
     TimeSeriesPatch,
     UnnamedLabelError,
     hash_split,
+    hash_split_settings,
     merge_same_day,
-    split_fractions,
 )
 from pimc_dist.sources.geotiff_stack import parse_date
 
@@ -238,14 +238,9 @@ class PointSeriesSource:
         self.dn_offset = float(dn_offset)
         self.class_names = [str(c) for c in class_names]
         self.label_ignore = {int(v) for v in label_ignore}
-        self.hash_fractions = split_fractions(hash_fractions)
-        self.split_seed = int(split_seed)
-        if split is not None and split not in self.hash_fractions:
-            raise ValueError(
-                f"split {split!r} is not one of the data.hash_split splits "
-                f"{sorted(self.hash_fractions)}"
-            )
-        self.split = split
+        self.hash_fractions, self.split_seed, self.split = hash_split_settings(
+            hash_fractions, split_seed, split
+        )
         self.dataset = dataset
         self.common_range = common_range
         self.first_date: dt.date | None = None  # of the whole table (all its samples)
