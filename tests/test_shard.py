@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import datetime as dt
 import hashlib
 import importlib.util
 import json
@@ -25,7 +24,7 @@ from launch_helpers import read_shard_set
 from pimc_dist import config as config_lib
 from pimc_dist import samples
 from pimc_dist.shard import cli
-from pimc_dist.shard_plan import PLAN_NAME
+from pimc_dist.shard_plan import PLAN_NAME, pixel_sampling
 from pimc_dist.shardset import (
     MANIFEST_NAME,
     REPORT_NAME,
@@ -89,19 +88,7 @@ def clean(pastis, tmp_path_factory) -> Path:
 def expected_samples(cfg) -> tuple[list[dict], object]:
     """Samples built straight from the reader's records with pimc_dist.samples."""
     source = open_source(cfg.data)
-    d = cfg.data
-    sampling = samples.PixelSampling(
-        pixels_per_patch=d.pixels_per_patch,
-        stratify=d.stratify,
-        exclude_labels=tuple(source.exclude_labels),
-        grid_step_days=d.grid_step_days,
-        grid_start=dt.date.fromisoformat(d.grid_start) if d.grid_start else None,
-        grid_length=d.grid_length,
-        rp_size=d.rp_size,
-        crop_size=d.crop_size,
-        crop_source=d.crop_source,
-        seed=d.seed,
-    )
+    sampling = pixel_sampling(cfg.data, source)
     made = []
     for record in source.reader:
         if source.kind == "pimc":

@@ -38,16 +38,22 @@ def _wait_until(cond, timeout_s: float, what: str) -> None:
         time.sleep(0.1)
 
 
+def _submit_local_loop(run_dir: Path, total_samples: int, max_requeues: int):
+    """tests/loop_entry.py as a 2-rank local job into `run_dir`; the submitit job."""
+    cfg = jobs.load_job_config(
+        None,
+        [f"train.run_dir={run_dir}", f"train.total_samples={total_samples}",
+         "launch.tasks_per_node=2", "launch.time=00:10:00", "launch.signal_delay_s=60",
+         f"launch.max_requeues={max_requeues}"],
+    )  # fmt: skip
+    return jobs.submit(cfg, EntryJob("loop", config.to_yaml(cfg), loop_entry.main), "local")
+
+
 def test_sigterm_to_one_local_rank_stops_the_job_and_says_how_to_resume(
     tmp_path, capfd, loop_entry_importable
 ):
     run_dir = tmp_path / "run"
-    cfg = jobs.load_job_config(
-        None,
-        [f"train.run_dir={run_dir}", "train.total_samples=200", "launch.tasks_per_node=2",
-         "launch.time=00:10:00", "launch.signal_delay_s=60", "launch.max_requeues=3"],
-    )  # fmt: skip
-    sub = jobs.submit(cfg, EntryJob("loop", config.to_yaml(cfg), loop_entry.main), "local")
+    sub = _submit_local_loop(run_dir, total_samples=200, max_requeues=3)
     _wait_until(lambda: len(metrics_steps(run_dir)) >= 3, 120, "3 steps")
     os.kill(int((run_dir / "pids" / "1").read_text()), signal.SIGTERM)  # rank 1 only
     status = jobs.wait_for(sub, poll_s=0.2)
@@ -68,12 +74,7 @@ def test_sigusr_to_one_rank_still_requeues_on_every_rank_agreeing(
     tmp_path, capfd, loop_entry_importable
 ):
     run_dir = tmp_path / "run"
-    cfg = jobs.load_job_config(
-        None,
-        [f"train.run_dir={run_dir}", "train.total_samples=8", "launch.tasks_per_node=2",
-         "launch.time=00:10:00", "launch.signal_delay_s=60", "launch.max_requeues=2"],
-    )  # fmt: skip
-    sub = jobs.submit(cfg, EntryJob("loop", config.to_yaml(cfg), loop_entry.main), "local")
+    sub = _submit_local_loop(run_dir, total_samples=8, max_requeues=2)
     _wait_until(lambda: len(metrics_steps(run_dir)) >= 2, 120, "2 steps")
     os.kill(int((run_dir / "pids" / "1").read_text()), signal.SIGUSR2)  # rank 1 only
     status = jobs.wait_for(sub, poll_s=0.2)
