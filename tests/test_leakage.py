@@ -74,6 +74,10 @@ def test_without_a_key_index_the_tar_headers_and_json_give_the_same_answer(tmp_p
     paths = read_manifest(old).shard_paths()
     for path in paths[:-1]:  # an older set: no index
         leakage.keys_file(path).unlink()
+    truncated = leakage.keys_file(paths[0])  # a cut-off index is not trusted either
+    truncated.write_text(
+        leakage.keys_file(read_manifest(indexed).shard_paths()[0]).read_text()[:40]
+    )
     stale = leakage.keys_file(paths[-1])  # an index of other bytes is not trusted
     stale.write_text(json.dumps({**json.loads(stale.read_text()), "sha256": "0" * 64}))
     assert leakage.set_keys(old)[1] == leakage.set_keys(indexed)[1]
