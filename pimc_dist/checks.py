@@ -191,19 +191,6 @@ def check_shards(cfg: Any) -> Any:
     return manifest
 
 
-def check_split_shards(folders: dict[str, str], inputs: list[str]) -> None:
-    """Fine-tuning: each split's shard set parses and holds the task's stored inputs."""
-    for split, folder in folders.items():
-        key = f"finetune.{split}_shards"
-        manifest = read_shard_manifest(folder, key)
-        missing = [v for v in inputs if v not in manifest.views and v != "rp"]
-        if missing:
-            raise ConfigError(
-                f"invalid key '{key}': input view(s) {missing} not in the shard set "
-                f"{manifest.path} (it has {sorted(manifest.views)})"
-            )
-
-
 def check_pretrain(cfg: Any) -> None:
     """Everything a pretraining checks before work that needs no model: values, views, shards."""
     check_values(cfg)
@@ -222,7 +209,6 @@ __all__ = [
     "check_no_data_config",
     "check_pretrain",
     "check_shards",
-    "check_split_shards",
     "check_values",
     "check_weights_file",
     "read_shard_manifest",

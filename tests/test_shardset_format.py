@@ -107,9 +107,9 @@ def test_manifest_totals_views_and_streaming_stats_match_numpy(tmp_path):
 
 def test_png_codec_round_trips_and_reads_foreign_pngs():
     rng = np.random.default_rng(1)
-    for shape in [(3, 7, 9), (1, 5, 5), (4, 3, 2)]:
+    for shape, level in [((3, 7, 9), 0), ((3, 7, 9), 1), ((1, 5, 5), 0), ((4, 3, 2), 6)]:
         image = rng.integers(0, 256, shape, dtype=np.uint8)
-        data = shardset.encode_png(image)
+        data = shardset.encode_png(image, level)
         np.testing.assert_array_equal(shardset.decode_png(data), image)
         pil = np.asarray(Image.open(io.BytesIO(data)))
         np.testing.assert_array_equal(

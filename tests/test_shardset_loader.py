@@ -69,13 +69,17 @@ def pimc_sample(i: int, rng: np.random.Generator, steps: int = 12, rsi_dtype=np.
 
 
 def write_pimc(
-    out, sizes: list[int], seed: int = 0, steps: int = 12, rsi_dtype=np.int16
+    out, sizes: list[int], seed: int = 0, steps: int = 12, rsi_dtype=np.int16, png_level=0
 ) -> dict[str, dict]:
     """A shard set with the given number of samples per shard; returns the samples by key."""
     rng = np.random.default_rng(seed)
     samples = {}
     writer = ShardSetWriter(
-        out, source="demo", classes=[f"c{k}" for k in range(5)], meta_tables=("dates",)
+        out,
+        source="demo",
+        classes=[f"c{k}" for k in range(5)],
+        meta_tables=("dates",),
+        png_level=png_level,
     )
     i = 0
     for index, size in enumerate(sizes):
@@ -101,10 +105,12 @@ def keys_of(batches) -> list[str]:
     return [f"p{m['row']:05d}" for b in batches for m in b["meta"]]
 
 
-@pytest.mark.parametrize("rsi_dtype", [np.int16, np.float16])
-def test_round_trip_is_bit_exact_without_normalisation(tmp_path, rsi_dtype):
-    samples = write_pimc(tmp_path, [20, 20, 8], rsi_dtype=rsi_dtype)
-    batches = list(stream(tmp_path, normalize=False))
+@pytest.mark.parametrize(
+    ("rsi_dtype", "png_level"), [(np.int16, 0), (np.float16, 0), (np.int16, 1)]
+)
+def test_round_trip_is_bit_exact_in_the_stored_dtypes(tmp_path, rsi_dtype, png_level):
+    samples = write_pimc(tmp_path, [20, 20, 8], rsi_dtype=rsi_dtype, png_level=png_level)
+    batches = list(stream(tmp_path))
     assert len(batches) == 6
     for batch in batches:
         assert batch["rp"].dtype == torch.uint8 and batch["rp"].shape == (8, 3, 12, 12)
@@ -154,18 +160,29 @@ def test_a_sample_naming_a_table_id_the_manifest_lacks_is_skipped(tmp_path, capl
     assert "json: dates id" in caplog.text and "not in the manifest" in caplog.text
 
 
-def test_normalisation_uses_the_manifest_statistics(tmp_path):
+def test_batches_keep_their_stored_dtypes_and_to_device_normalises_them(tmp_path):
     write_pimc(tmp_path, [16])
     manifest = shardset.read_manifest(tmp_path)
-    raw = next(iter(stream(tmp_path, normalize=False, shuffle=False)))
-    norm = next(iter(stream(tmp_path, normalize=True, shuffle=False)))
+    views = "loader.views=[rp,series,rsi]"
+    loader = build_loader(loader_cfg(tmp_path, "loader.workers=0", views), train=False)
+    raw = next(iter(loader))
+    assert (raw["rp"].dtype, raw["series"].dtype, raw["rsi"].dtype) == (
+        torch.uint8,
+        torch.float16,
+        torch.int16,
+    )
+    moved = loader.to_device(raw, "cpu")
+    assert sorted(loader.normalisation) == sorted(VIEWS)
     for view in VIEWS:
         mean = torch.tensor(manifest.stats[view].mean).view(1, -1, *[1] * (raw[view].ndim - 2))
         std = torch.tensor(manifest.stats[view].std).view(1, -1, *[1] * (raw[view].ndim - 2))
-        assert norm[view].dtype == torch.float32
+        assert moved[view].dtype == torch.float32
         torch.testing.assert_close(
-            norm[view], ((raw[view].double() - mean) / std).float(), rtol=1e-5, atol=1e-5
+            moved[view], ((raw[view].double() - mean) / std).float(), rtol=1e-5, atol=1e-5
         )
+    off = build_loader(loader_cfg(tmp_path, "loader.workers=0", "loader.normalize=false"))
+    assert off.normalisation == {}
+    assert off.to_device(raw, "cpu")["rsi"].dtype == torch.int16
 
 
 def test_exact_epoch_splits_ranks_and_workers_disjointly_and_covers_everything(tmp_path):
@@ -278,7 +295,7 @@ def test_corrupt_and_truncated_shards_are_skipped_counted_and_logged(tmp_path, c
     path.write_bytes(bytes(raw))
     cut = tmp_path / "shard-000002.tar"
     cut.write_bytes(cut.read_bytes()[:9000])
-    s = stream(tmp_path, normalize=False, views=["rsi"])
+    s = stream(tmp_path, views=["rsi"])
     with caplog.at_level(logging.WARNING, logger="pimc_dist.shardset"):
         batches = list(s)
     assert len(batches) == 6  # the epoch still has its batch count (the good samples are re-read)
@@ -287,7 +304,7 @@ def test_corrupt_and_truncated_shards_are_skipped_counted_and_logged(tmp_path, c
     assert "shard-000001.tar" in caplog.text and "corrupt tar header" in caplog.text
     assert "shard-000002.tar" in caplog.text and "truncated" in caplog.text
     # One evaluation pass counts each lost sample once: p00020..31, and 14 of shard 2 after the cut.
-    once = stream(tmp_path, normalize=False, views=["rsi"], drop_last=False, shuffle=False)
+    once = stream(tmp_path, views=["rsi"], drop_last=False, shuffle=False)
     assert sum(len(b["meta"]) for b in once) == 22
     assert once.stats.skipped == {"tar": 12 + 14, "missing": 0, "decode": 0, "shape": 0}
 
@@ -347,16 +364,13 @@ def mosaic_set(out, n=32, size=6) -> dict[int, dict]:
     return samples
 
 
-@pytest.mark.parametrize("normalize", [False, True])
-def test_augmentation_flips_aligned_views_together_and_never_the_plots(tmp_path, normalize):
+def test_augmentation_flips_aligned_views_together_and_never_the_plots(tmp_path):
     samples = mosaic_set(tmp_path)
-    stats = shardset.read_manifest(tmp_path).stats
     views = ["s2", "s1", "rp"]
     s = stream(
         tmp_path,
         views=views,
         batch_size=32,
-        normalize=normalize,
         shuffle=False,
         augment_views=views,
     )
@@ -369,13 +383,7 @@ def test_augmentation_flips_aligned_views_together_and_never_the_plots(tmp_path,
         for k in range(8):
             expected = {v: dihedral(original[f"{v}.npy"], k) for v in ("s2", "s1")}
             expected["rp"] = original["rp.png"]  # never transformed
-            if normalize:
-                for v, x in expected.items():
-                    mean, std = (
-                        np.array(a).reshape(-1, 1, 1) for a in (stats[v].mean, stats[v].std)
-                    )
-                    expected[v] = (x - mean) / std
-            if all(np.allclose(batch[v][j].numpy(), expected[v], atol=1e-5) for v in views):
+            if all(np.array_equal(batch[v][j].numpy(), expected[v]) for v in views):
                 matches.append(k)
         assert len(matches) == 1, f"sample {meta['i']}: transforms {matches} match"
         used.append(matches[0])
@@ -389,8 +397,8 @@ def test_uint16_dn_views_come_back_exactly_and_normalise_from_the_manifest(tmp_p
         for key, array in s2.items():
             w.write({"__key__": key, "s2.npy": array, "json": {"key": key, "labels": [1]}})
     stats = shardset.read_manifest(tmp_path).stats["s2"]
-    raw = next(iter(stream(tmp_path, views=["s2"], batch_size=16, shuffle=False, normalize=False)))
-    norm = next(iter(stream(tmp_path, views=["s2"], batch_size=16, shuffle=False)))
+    raw = next(iter(stream(tmp_path, views=["s2"], batch_size=16, shuffle=False)))
+    norm = shardset.normalize_views(raw, {"s2": (np.array(stats.mean), np.array(stats.std))})
     for j, meta in enumerate(raw["meta"]):
         assert raw["s2"].dtype == torch.uint16
         np.testing.assert_array_equal(raw["s2"][j].numpy(), s2[meta["key"]])
@@ -424,7 +432,7 @@ def test_dihedral_is_the_same_on_tensors_and_per_sample():
 def test_plots_made_on_the_fly_equal_the_recurrence_module(tmp_path):
     recurrence = pytest.importorskip("pimc_dist.recurrence")
     samples = write_pimc(tmp_path, [16])
-    s = stream(tmp_path, views=["rp", "rsi"], rp_on_the_fly="cpu", normalize=False, shuffle=False)
+    s = stream(tmp_path, views=["rp", "rsi"], rp_on_the_fly="cpu", shuffle=False)
     batch = next(iter(s))
     series = np.stack([samples[f"p{m['row']:05d}"]["series.npy"] for m in batch["meta"]])
     expected = recurrence.recurrence_plot_uint8(series.astype(np.float32))
@@ -441,10 +449,10 @@ def test_plots_made_on_the_fly_equal_the_recurrence_module(tmp_path):
     )
     loader = build_loader(cfg, train=False)
     moved = loader.to_device(next(iter(loader)), "cpu")  # all 16 samples, in shard order
-    mean, std = (v[None, :, None, None] for v in loader.stream.builder.norm["rp"])
+    mean, std = (v[None, :, None, None] for v in loader.normalisation["rp"])
     all_series = np.stack([samples[k]["series.npy"] for k in sorted(samples)]).astype(np.float32)
     all_plots = recurrence.recurrence_plot_uint8(all_series).astype(np.float32)
-    np.testing.assert_allclose(moved["rp"].numpy(), (all_plots - mean) / std, rtol=1e-6)
+    np.testing.assert_allclose(moved["rp"].numpy(), (all_plots - mean) / std, rtol=1e-6, atol=1e-6)
     assert "rp_series" not in moved
 
 
@@ -469,7 +477,8 @@ def test_build_loader_from_config_with_workers_counters_and_epochs(tmp_path):
     assert keys_of(epoch0) == keys_of(again) and len(epoch0) == 4
     batch = epoch0[0]
     assert set(batch) == {"rp", "rsi", "label", "meta"}
-    assert batch["rp"].shape == (8, 3, 12, 12) and batch["rsi"].dtype == torch.float32
+    assert batch["rp"].shape == (8, 3, 12, 12) and batch["rsi"].dtype == torch.int16
+    assert loader.to_device(batch, "cpu")["rsi"].dtype == torch.float32
     counters = loader.counters()
     assert (
         counters["data/samples"] == 64
@@ -622,15 +631,12 @@ def by_key(batches) -> dict[str, dict]:
     return out
 
 
-@pytest.mark.parametrize("normalize", [False, True])
-def test_workers_deliver_through_the_ring_exactly_what_one_process_builds(tmp_path, normalize):
+def test_workers_deliver_through_the_ring_exactly_what_one_process_builds(tmp_path):
     samples = write_pimc(tmp_path, [13, 11, 9])  # 33: partial last batches per worker
 
     def cfg(workers: int):
         views = "loader.views=[rp,series,rsi]"
-        return loader_cfg(
-            tmp_path, f"loader.workers={workers}", f"loader.normalize={normalize}", views
-        )
+        return loader_cfg(tmp_path, f"loader.workers={workers}", views)
 
     inline = by_key(build_loader(cfg(0), train=False))
     loader = build_loader(cfg(2), train=False)
@@ -644,9 +650,8 @@ def test_workers_deliver_through_the_ring_exactly_what_one_process_builds(tmp_pa
         for view in ("rp", "series", "rsi", "label"):
             assert sample[view].dtype == inline[key][view].dtype
             torch.testing.assert_close(sample[view], inline[key][view], rtol=0, atol=0)
-        if not normalize:
-            np.testing.assert_array_equal(sample["rsi"].numpy(), samples[key]["rsi.npy"])
-            np.testing.assert_array_equal(sample["rp"].numpy(), samples[key]["rp.png"])
+        np.testing.assert_array_equal(sample["rsi"].numpy(), samples[key]["rsi.npy"])
+        np.testing.assert_array_equal(sample["rp"].numpy(), samples[key]["rp.png"])
 
 
 def test_without_room_in_shared_memory_the_loader_runs_without_a_ring(

@@ -11,7 +11,7 @@ Modules, each importing only those listed before it:
 - reader:   loader stages 1-2: which shards and samples each worker reads; reading, shuffling;
             `ShardHealth`, shards left out mid-run for their losses
 - decoder:  loader stage 3: check and decode raw samples
-- batch:    loader stage 4: batches of arrays (PNG filters, `dihedral` flips, normalisation)
+- batch:    loader stage 4: batches of arrays (PNG filters, `dihedral` flips); `normalize_views`
 - ring:     batches through a shared-memory ring between DataLoader workers and the trainer
 - stream:   `ShardStream`, the stages chained for one rank
 - loader:   `build_loader` (from a job config), `open_loader` (from arguments), `ShardLoader`: DataLoader workers, start-up checks
@@ -22,8 +22,10 @@ from pimc_dist.shardset.batch import (
     MetaList,
     as_tensors,
     dihedral,
+    normalize_views,
     random_transforms,
     unfilter_rows,
+    view_normalisation,
 )
 from pimc_dist.shardset.codec import (
     decode_npy,
@@ -98,6 +100,7 @@ __all__ = [
     "as_tensors",
     "batched",
     "build_loader",
+    "normalize_views",
     "open_loader",
     "decode",
     "decode_meta",
@@ -124,6 +127,7 @@ __all__ = [
     "unfilter_rows",
     "unlisted_shards",
     "usable_manifest",
+    "view_normalisation",
     "verify",
     "view_stats_arrays",
 ]

@@ -1,11 +1,15 @@
 """Loader stage 4: a list of decoded samples becomes a batch of arrays.
 
-Everything that can be done once per batch is: samples are copied into
-buffers reused from batch to batch, PNG filters are undone for the whole batch,
-samples are sorted by their random flip/rotation so that each transform is one
-slice of the batch (the order within a batch carries no meaning), and the
-normalisation from the manifest statistics runs over contiguous arrays. The
-JSON travels as raw bytes, parsed when read (MetaList).
+Everything that can be done once per batch is: samples are copied straight
+into the batch arrays (or, for views flipped/rotated, into buffers reused from
+batch to batch), PNG filters are undone for the whole batch, and samples are
+sorted by their random flip/rotation so that each transform is one slice of the
+batch (the order within a batch carries no meaning). Arrays keep their stored
+dtypes (uint8 plots, int16 crops): the normalisation from the manifest
+statistics runs on the training device (`normalize_views`, called by
+ShardLoader.to_device), where it costs nothing next to the step, and the
+worker's output, the shared-memory ring and the host-to-device copy are 2-4x
+smaller than float32. The JSON travels as raw bytes, parsed when read (MetaList).
 """
 
 from __future__ import annotations
@@ -25,6 +29,40 @@ from pimc_dist.shardset.manifest import Manifest, ViewSpec, view_stats_arrays
 _RP_FALLBACK_STATS = (127.5, 127.5)  # plots made on the fly, set without rp statistics
 
 
+def view_normalisation(
+    manifest: Manifest, views: list[str], rp_on_the_fly: str
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Per-channel (mean, std) of each of `views` that the manifest has statistics for
+    (plots made on the fly from a set without plot statistics: 127.5, 127.5)."""
+    norm = {}
+    for view in views:
+        stats = view_stats_arrays(manifest, view)
+        if stats is None and view == "rp" and rp_on_the_fly != "off":
+            mean, std = _RP_FALLBACK_STATS
+            stats = (np.full(3, mean, np.float32), np.full(3, std, np.float32))
+        if stats is not None:
+            norm[view] = stats
+    return norm
+
+
+def normalize_views(
+    batch: dict[str, Any], norm: dict[str, tuple[np.ndarray, np.ndarray]]
+) -> dict[str, Any]:
+    """`batch` with each view of `norm` as float32 (x - mean) / std per channel, on the
+    device its tensor is on (a new tensor; the stored-dtype one is left as it is)."""
+    out = dict(batch)
+    for view, (mean, std) in norm.items():
+        x = out.get(view)
+        if x is None:
+            continue
+        shape = (1, -1) + (1,) * (x.dim() - 2)
+        scale = torch.as_tensor(1.0 / std, device=x.device).view(shape)
+        shift = torch.as_tensor(-mean / std, device=x.device).view(shape)
+        # A float32 copy, then two in-place passes: faster on a CPU than one addcmul.
+        out[view] = x.to(torch.float32, copy=True).mul_(scale).add_(shift)
+    return out
+
+
 def unfilter_rows(rows: np.ndarray, channels: int, out: np.ndarray | None = None) -> np.ndarray:
     """(N, H, 1 + W*C) PNG rows (filter None, Sub or Up per image) -> contiguous (N, C, H, W) uint8."""
     n, height, stride = rows.shape
@@ -32,6 +70,10 @@ def unfilter_rows(rows: np.ndarray, channels: int, out: np.ndarray | None = None
     if out is None:
         out = np.empty((n, channels, height, width), np.uint8)
     kinds = rows[:, 0, 0]
+    if (kinds == 0).all():  # None, stored plots (the writer's default): a transposing copy
+        hwc = rows[:, :, 1:].reshape(n, height, width, channels)
+        np.copyto(out, hwc.transpose(0, 3, 1, 2))
+        return out
     if (kinds == 2).all():
         # Up, our encoder's filter: add each row to the next, rows outermost so each step is
         # one contiguous add over the whole batch (much faster than cumsum along an inner axis).
@@ -87,8 +129,9 @@ def random_transforms(n: int, square: bool, rng: np.random.Generator) -> np.ndar
 class BatchBuilder:
     """Turns a list of decoded samples into a dict of tensors (see module docstring).
 
-    The raw batch arrays live in buffers reused from batch to batch (fresh
-    pages cost more than the copy into them); every tensor handed out is new.
+    Batches come in the stored dtypes; views flipped/rotated pass through buffers reused
+    from batch to batch (fresh pages cost more than the copy into them); every array
+    handed out is new (or a ring slot the consumer copies out of).
     """
 
     def __init__(
@@ -97,7 +140,6 @@ class BatchBuilder:
         *,
         views: list[str],
         manifest: Manifest,
-        normalize: bool,
         augment_views: list[str],
         rp_on_the_fly: str,
         rp_size: int,
@@ -109,14 +151,6 @@ class BatchBuilder:
         self.square = all(specs[v].shape[-1] == specs[v].shape[-2] for v in self.augment_views)
         self.rp_on_the_fly = rp_on_the_fly
         self.rp_size = rp_size or None
-        self.norm: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-        for view in views:
-            stats = view_stats_arrays(manifest, view)
-            if stats is None and view == "rp" and rp_on_the_fly != "off":
-                mean, std = _RP_FALLBACK_STATS
-                stats = (np.full(3, mean, np.float32), np.full(3, std, np.float32))
-            if stats is not None and normalize:
-                self.norm[view] = stats
         self.meta_tables = manifest.meta_tables
         self._buffers: dict[str, np.ndarray] = {}
         self._rp_fn = None
@@ -127,21 +161,26 @@ class BatchBuilder:
             buf = self._buffers[name] = np.empty(shape, dtype)
         return buf
 
-    def collate(self, samples: list[dict[str, Any]]) -> dict[str, np.ndarray]:
-        """Raw batch arrays (dtype as stored) of every view read, in reused buffers."""
+    def collate(
+        self, samples: list[dict[str, Any]], targets: dict[str, np.ndarray]
+    ) -> dict[str, np.ndarray]:
+        """Raw batch arrays (dtype as stored) of every view read: written into `targets[view]`
+        where given (the batch's own arrays), else into buffers reused from batch to batch."""
         n = len(samples)
         arrays = {}
         for view, spec in self.specs.items():
+            out = targets.get(view)
+            if out is None:
+                out = self._buffer(view, (n, *spec.shape), np.dtype(spec.dtype))
+            payloads = [sample[view] for sample in samples]
             if spec.ext == "npy":
-                buf = self._buffer(view, (n, *spec.shape), np.dtype(spec.dtype))
-                _fill(buf, [sample[view] for sample in samples])
-                arrays[view] = buf
+                _fill(out, payloads)
             else:
                 channels, height, width = spec.shape
                 rows = self._buffer(f"{view}.rows", (n, height, 1 + width * channels), np.uint8)
-                _fill(rows, [sample[view] for sample in samples])
-                out = self._buffer(view, (n, *spec.shape), np.uint8)
-                arrays[view] = unfilter_rows(rows, channels, out)
+                _fill(rows, payloads)
+                unfilter_rows(rows, channels, out)
+            arrays[view] = out
         return arrays
 
     def recurrence_plots(self, series: np.ndarray) -> np.ndarray:
@@ -168,23 +207,8 @@ class BatchBuilder:
                 shape, dtype = (channels, size, size), np.dtype(np.uint8)
             else:
                 shape, dtype = self.specs[view].shape, np.dtype(self.specs[view].dtype)
-            out[view] = ((n, *shape), np.dtype(np.float32) if view in self.norm else dtype)
+            out[view] = ((n, *shape), dtype)
         return out
-
-    def finish(
-        self, view: str, x: np.ndarray, groups: list[tuple[int, int, int]], out: np.ndarray
-    ) -> None:
-        """Fill `out` from batch array `x`: rows a:b transformed by dihedral k for (k, a, b) in
-        `groups`, then (x - mean) / std per channel if the view has statistics."""
-        for k, a, b in groups:
-            np.copyto(out[a:b], dihedral(x[a:b], k) if k else x[a:b])  # casts while copying
-        norm = self.norm.get(view)
-        if norm is not None:
-            tensor = torch.from_numpy(out)
-            shape = (1, -1) + (1,) * (x.ndim - 2)
-            # torch's kernels run these two passes about twice as fast as numpy's.
-            tensor.sub_(torch.from_numpy(norm[0]).view(shape))
-            tensor.mul_(torch.from_numpy(1.0 / norm[1]).view(shape))
 
     def __call__(
         self,
@@ -198,8 +222,7 @@ class BatchBuilder:
         n = len(samples)
         if out is None:
             out = {k: np.empty(shape, dtype) for k, (shape, dtype) in self.layout(n).items()}
-        plain = [(0, 0, n)]
-        groups = plain
+        groups = []
         if self.augment_views:
             # Samples sorted by their transform, so that each transform applies to one slice
             # of the batch (a view, no gather); the order within a batch carries no meaning.
@@ -208,15 +231,18 @@ class BatchBuilder:
             samples = [samples[i] for i in order]
             bounds = np.searchsorted(transforms[order], np.arange(9)).tolist()
             groups = [(k, bounds[k], bounds[k + 1]) for k in range(8) if bounds[k] < bounds[k + 1]]
-        arrays = self.collate(samples)
+        # Views read as stored go straight into the batch; transformed ones via a buffer.
+        direct = {v: out[v] for v in self.views if v in self.specs and v not in self.augment_views}
+        arrays = self.collate(samples, direct)
         if self.rp_on_the_fly == "cpu" and "rp" in self.views:
-            arrays["rp"] = self.recurrence_plots(arrays["series"])
+            np.copyto(out["rp"], self.recurrence_plots(arrays["series"]))
         elif self.rp_on_the_fly == "gpu" and "rp" in self.views:
             np.copyto(out["rp_series"], arrays["series"])
-        for view in self.views:
-            if view in arrays:  # else "rp", built on the device from rp_series
-                aligned = groups if view in self.augment_views else plain
-                self.finish(view, arrays[view], aligned, out[view])
+        for view in self.augment_views:
+            for k, a, b in groups:
+                np.copyto(
+                    out[view][a:b], dihedral(arrays[view][a:b], k) if k else arrays[view][a:b]
+                )
         batch: dict[str, Any] = dict(out)
         if samples and "__meta__" in samples[0]:
             metas = [s["__meta__"] for s in samples]

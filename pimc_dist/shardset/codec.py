@@ -25,14 +25,16 @@ def _png_chunk(kind: bytes, data: bytes) -> bytes:
     return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
 
-def encode_png(image: np.ndarray, level: int = 1) -> bytes:
+def encode_png(image: np.ndarray, level: int = 0) -> bytes:
     """Encode a (C, H, W) or (H, W) uint8 image (C in 1..4) as PNG.
 
-    Every row uses the PNG "Up" filter: on recurrence plots it compresses best
-    of the simple filters (smaller than PIL's adaptive choice), and the loader
-    undoes it for a whole batch at once. zlib level 1 is the default: on 3x48x48
-    plots it is about 10 % larger than level 6 (2.5 vs 2.2 KiB), writes 4x
-    faster, and inflates just as fast.
+    Level 0, the default, stores the rows as they are (filter None, deflate's stored
+    blocks): inflating a 3x48x48 plot deflated at level 1 (2.5 KiB instead of 6.8 KiB)
+    costs a loader worker about 20 us per sample, a quarter of all its work, to save 16 %
+    of a PIMC sample's bytes (the int16 crop is most of them); bench/loader.py measures
+    both. Deflated levels (1-9) use the "Up" filter on every row: on recurrence plots it
+    compresses best of the simple filters, and the loader undoes it for a whole batch at
+    once; level 1 is about 10 % larger than level 6 and writes 4x faster.
     """
     image = np.asarray(image)
     if image.ndim == 2:
@@ -44,9 +46,13 @@ def encode_png(image: np.ndarray, level: int = 1) -> bytes:
     channels, height, width = image.shape
     hwc = np.ascontiguousarray(image.transpose(1, 2, 0)).reshape(height, width * channels)
     rows = np.empty((height, 1 + width * channels), np.uint8)
-    rows[:, 0] = 2  # Up filter
-    rows[0, 1:] = hwc[0]
-    rows[1:, 1:] = hwc[1:] - hwc[:-1]  # uint8 arithmetic wraps modulo 256, as PNG wants
+    if level == 0:
+        rows[:, 0] = 0  # None filter: nothing to compress, nothing to undo
+        rows[:, 1:] = hwc
+    else:
+        rows[:, 0] = 2  # Up filter
+        rows[0, 1:] = hwc[0]
+        rows[1:, 1:] = hwc[1:] - hwc[:-1]  # uint8 arithmetic wraps modulo 256, as PNG wants
     header = struct.pack(">IIBBBBB", width, height, 8, _PNG_COLOR_TYPES[channels], 0, 0, 0)
     return (
         _PNG_SIGNATURE
@@ -204,7 +210,7 @@ def encode_json(value: Any) -> bytes:
     return json.dumps(value, sort_keys=True, separators=(",", ":"), default=_json_default).encode()
 
 
-def encode_member(suffix: str, value: Any, png_level: int = 1) -> tuple[bytes, np.ndarray | None]:
+def encode_member(suffix: str, value: Any, png_level: int = 0) -> tuple[bytes, np.ndarray | None]:
     """Bytes of one sample member, chosen by its extension, and the array it holds (if any)."""
     ext = suffix.rsplit(".", 1)[-1]
     if isinstance(value, (bytes, bytearray, memoryview)):

@@ -44,6 +44,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from pimc_dist.recurrence import recurrence_plot_torch
+from pimc_dist.shardset.batch import normalize_views, view_normalisation
 from pimc_dist.shardset.codec import decode_npy, decode_png
 from pimc_dist.shardset.errors import LoaderError, ShardError
 from pimc_dist.shardset.manifest import (
@@ -73,8 +74,9 @@ class ShardLoader:
     `batches_per_epoch` is the batch count each rank yields per epoch (exact
     mode; in resampled mode the count that makes one nominal epoch).
     `set_epoch(e)` chooses the epoch of the next iteration (on resume); each
-    iteration otherwise advances it by one. `to_device(batch, device)` moves a
-    batch and builds recurrence plots there when `rp_on_the_fly == "gpu"`.
+    iteration otherwise advances it by one. Batches come in the stored dtypes;
+    `to_device(batch, device)` moves one, builds recurrence plots there when
+    `rp_on_the_fly == "gpu"`, and normalises it (`loader.normalize`).
     """
 
     def __init__(
@@ -84,10 +86,12 @@ class ShardLoader:
         *,
         rp_size: int,
         epoch: int,
+        norm: dict[str, tuple[np.ndarray, np.ndarray]] | None = None,
         excluded: list[str] | None = None,
         pin: bool = False,
     ):
         self.stream = stream
+        self.norm = dict(norm or {})  # applied by to_device
         self.pin = pin  # copy ring batches into pinned memory (CUDA)
         self.excluded = list(excluded or [])  # problems of the shards left out at start-up
         self.dataloader = dataloader
@@ -110,8 +114,8 @@ class ShardLoader:
 
     @property
     def normalisation(self) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-        """Per-channel (mean, std) of each view whose batches come as (x - mean) / std."""
-        return dict(self.stream.builder.norm)
+        """Per-channel (mean, std) of each view that `to_device` turns into (x - mean) / std."""
+        return dict(self.norm)
 
     def close(self) -> None:
         """Stop the worker processes now (they also stop when the loader is freed)."""
@@ -173,7 +177,9 @@ class ShardLoader:
         return self.batches_per_epoch
 
     def to_device(self, batch: dict[str, Any], device: torch.device | str) -> dict[str, Any]:
-        """Move tensors to `device`; with rp_on_the_fly == "gpu", turn `rp_series` into normalised `rp`."""
+        """Move tensors to `device`, then, there: with rp_on_the_fly == "gpu" turn `rp_series`
+        into plots, and normalise the views of `normalisation` (batches leave the workers in
+        their stored dtypes, 2-4x fewer bytes than float32; see batch.py)."""
         out = {
             k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v
             for k, v in batch.items()
@@ -182,16 +188,8 @@ class ShardLoader:
         if series is not None:
             if self._rp_torch is None:
                 self._rp_torch = recurrence_plot_torch
-            plots = self._rp_torch(series, size=self.rp_size or None)
-            norm = self.stream.builder.norm.get("rp")
-            if norm is None:  # normalisation off: the uint8 plots, as the CPU path gives them
-                out["rp"] = plots
-            else:
-                shape = (1, -1, 1, 1)
-                mean = torch.as_tensor(norm[0], device=plots.device).view(shape)
-                inv_std = torch.as_tensor(1.0 / norm[1], device=plots.device).view(shape)
-                out["rp"] = (plots.float() - mean) * inv_std
-        return out
+            out["rp"] = self._rp_torch(series, size=self.rp_size or None)
+        return normalize_views(out, self.norm)
 
 
 def _display_image(x: np.ndarray) -> np.ndarray:
@@ -313,7 +311,6 @@ def open_loader(
         shuffle_buffer=int(shuffle_buffer),
         drop_last=train,
         augment_views=list(augment_views) if train else [],
-        normalize=normalize,
         rp_on_the_fly=rp_on_the_fly,
         rp_size=int(rp_size),
         seed=int(seed),
@@ -358,6 +355,7 @@ def open_loader(
         dataloader,
         rp_size=int(rp_size),
         epoch=epoch,
+        norm=view_normalisation(manifest, list(views), rp_on_the_fly) if normalize else {},
         excluded=excluded,
         pin=pin,
     )

@@ -6,10 +6,11 @@
       -> decode         validate every member, parse .npy headers, inflate PNG rows,
                         parse the JSON; undecodable samples skipped and counted   decoder.py
       -> batched        lists of `batch_size` samples
-      -> BatchBuilder   collate into batch arrays, undo PNG filters for the whole batch,
-                        optional recurrence plots from the series, flips/rotations of
-                        crops, normalisation from the manifest, torch tensors (in a
-                        DataLoader worker of build_loader: into a BatchRing slot)   batch.py
+      -> BatchBuilder   collate into batch arrays in their stored dtypes, undo PNG
+                        filters for the whole batch, optional recurrence plots from the
+                        series, flips/rotations of crops, torch tensors (in a DataLoader
+                        worker of build_loader: into a BatchRing slot)   batch.py
+    (normalisation from the manifest runs on the training device: ShardLoader.to_device)
 
 A shard that loses more than `max_shard_loss_fraction` of its samples is left
 out for the rest of the run by all workers of the rank (ShardHealth, reader.py).
@@ -85,7 +86,6 @@ class ShardStream(IterableDataset):
         shuffle_buffer: int = 2000,
         drop_last: bool = True,
         augment_views: list[str] | tuple[str, ...] = (),
-        normalize: bool = True,
         rp_on_the_fly: str = "off",
         rp_size: int = 0,
         seed: int = 0,
@@ -128,7 +128,6 @@ class ShardStream(IterableDataset):
             self.specs,
             views=self.views,
             manifest=manifest,
-            normalize=normalize,
             augment_views=list(augment_views),
             rp_on_the_fly=rp_on_the_fly,
             rp_size=rp_size,

@@ -151,7 +151,7 @@ class ShardSetWriter:
         source: str = "",
         classes: list[str] | tuple[str, ...] = (),
         kind: str = "pimc",
-        png_level: int = 1,
+        png_level: int = 0,
         meta_tables: tuple[str, ...] | list[str] = (),
     ):
         self.out_dir = Path(out_dir)
