@@ -117,7 +117,8 @@ class LoaderConfig:
     # Views flipped/rotated together (co-registered crops get the same transform per sample);
     # recurrence plots never are (a transpose is their only symmetry, and they are symmetric).
     augment_views: list[str] = field(default_factory=lambda: ["rsi", "s2", "s1", "image"])
-    normalize: bool = True  # (x - mean) / std per channel from the manifest, float32
+    # (x - mean) / std per channel from the manifest, float32, on the training device
+    normalize: bool = True
     rp_on_the_fly: str = "off"  # off | cpu | gpu: build plots from stored series
     verify: str = "size"  # none | size | sha256: check shard files against the manifest at start
     # Shards that fail that check are left out (logged, counted in data/shards_excluded);
