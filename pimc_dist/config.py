@@ -147,8 +147,9 @@ class ViewAugmentConfig:
 class ViewModelConfig:
     """The encoder of one view; None means "not set" (the encoder's own default)."""
 
-    # resnet18 | resnet50 | vit_{tiny,small,base,large,huge,giant}[_p<N>]; for the series
-    # view a 1D encoder: cnn1d_small | resnet1d18 (models/series.py)
+    # resnet18 | resnet50 | vit_{tiny,small,base,large,huge,giant}[_p<N>], or any timm model
+    # name with the timm extra (models/timm_encoders.py); for the series view a 1D encoder:
+    # cnn1d_small | resnet1d18 (models/series.py)
     encoder: str | None = None
     in_chans: int | None = None  # series: the number of indices (3, or 1 for NDVI alone)
     img_size: int | None = None
@@ -160,6 +161,10 @@ class ViewModelConfig:
     small_input: bool | None = None  # ResNet: 3x3 stem without max pool (default for <= 64 px)
     width: int | None = None  # ResNet base width (64 in the standard models)
     drop_path_rate: float | None = None
+    # A local timm / torchgeo weights file (.pth, .safetensors) that starts the encoder, e.g.
+    # SSL4EO-S12 Sentinel-2 weights; never downloaded (docs/usage.md#encoders).
+    weights: str | None = None
+    timm_args: dict[str, Any] | None = None  # timm models: more timm.create_model arguments
     head: dict[str, Any] | None = None  # per-view head overrides
 
 

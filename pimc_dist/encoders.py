@@ -25,7 +25,13 @@ from torch import nn
 
 from pimc_dist import config as config_lib
 from pimc_dist.models import WeightsError, build_model, load_encoder_weights
-from pimc_dist.shardset import MANIFEST_NAME, ShardError, read_manifest, view_stats_arrays
+from pimc_dist.shardset import (
+    MANIFEST_NAME,
+    ShardError,
+    normalize_views,
+    read_manifest,
+    view_stats_arrays,
+)
 
 WEIGHTS_FILE = "encoders.safetensors"
 # What the loader divides plots by when the shard set has no plot statistics (plots made on the
@@ -64,13 +70,10 @@ class EncoderInput:
             raise ValueError(
                 f"view {self.view!r} takes (N, {self.channels}, {shape}) inputs, got {tuple(t.shape)}"
             )
-        t = t.to(torch.float32)
         if self.mean is None or self.std is None:
-            return t
-        shape = (1, -1) + (1,) * (t.ndim - 2)
-        mean = torch.tensor(self.mean, dtype=torch.float32, device=t.device).view(shape)
-        std = torch.tensor(self.std, dtype=torch.float32, device=t.device).view(shape)
-        return (t - mean) / std
+            return t.to(torch.float32)
+        stats = (np.asarray(self.mean, np.float32), np.asarray(self.std, np.float32))
+        return normalize_views({self.view: t}, {self.view: stats})[self.view]
 
 
 @dataclass

@@ -25,7 +25,6 @@ from typing import Any
 import numpy as np
 import torch
 from omegaconf import OmegaConf
-from safetensors.torch import save_file
 
 from pimc_dist import checks, distributed, losses, models, run_lock, shardset
 from pimc_dist import config as config_lib
@@ -42,7 +41,13 @@ from pimc_dist.engine import (
 )
 from pimc_dist.eval.tasks import sample_key
 from pimc_dist.label_subset import labelled_mask
-from pimc_dist.models import count_flops, export_encoder_state
+from pimc_dist.models import (
+    ContrastiveModel,
+    count_flops,
+    encoder_recipes,
+    export_encoder_state,
+    save_encoder_weights,
+)
 from pimc_dist.models.summary import human_count, model_summary
 from pimc_dist.shardset import ShardError
 from pimc_dist.tracking import Tracker
@@ -96,17 +101,20 @@ def build_loss(cfg: Any) -> torch.nn.Module:
 
 
 def build_model(cfg: Any) -> torch.nn.Module:
-    """The multi-view contrastive model from `model.*`."""
+    """The multi-view contrastive model from `model.*`, its towers started from the views'
+    `weights` files where given (on the meta device those are only checked)."""
     if not cfg.model.views:
         raise config_lib.ConfigError("model.views: no view configured (e.g. rp and rsi for PIMC)")
+    views = OmegaConf.to_container(cfg.model.views)
     model = models.build_model(
-        views=OmegaConf.to_container(cfg.model.views),
+        views=views,
         head=OmegaConf.to_container(cfg.model.head),
         shared_encoder=cfg.model.shared_encoder,
         grad_checkpointing=cfg.model.grad_checkpointing,
         init_temperature=cfg.model.init_temperature,
         init_logit_bias=-10.0 if cfg.loss.name == "siglip" else None,
     )
+    models.load_view_weights(model, views)
     return models.compile_encoders(model) if cfg.train.compile else model
 
 
@@ -205,7 +213,8 @@ def check_config(cfg: Any) -> None:
 
 def _check_model(cfg: Any) -> None:
     """Build the model on the meta device (no memory, no time), so that a bad encoder name,
-    option or shape fails here, naming the view's key, rather than on every rank of a job."""
+    option or shape, or a weights file that is missing or does not fit, fails here, naming the
+    view's key, rather than on every rank of a job."""
     try:
         with torch.device("meta"):
             build_model(cfg)
@@ -566,7 +575,7 @@ def _train(cfg: Any, env: distributed.DistEnv) -> int:
                 save()
             if cfg.train.export_on_end:
                 phase = "export"
-                export_encoders(engine, run_dir / "encoders.safetensors", rank)
+                export_encoders(engine, model, run_dir / "encoders.safetensors", rank)
     except Exception as exc:
         # Errors of the forward pass and the loss (a wrong dtype or shape, a bad option) are
         # reported with their origin, whatever their type; elsewhere only runtime and I/O ones.
@@ -589,14 +598,13 @@ def _train(cfg: Any, env: distributed.DistEnv) -> int:
     return exit_code
 
 
-def export_encoders(engine: Engine, path: Path, rank: int) -> None:
-    """Write consolidated fp32 weights of every encoder and head as safetensors (rank 0)."""
+def export_encoders(engine: Engine, model: ContrastiveModel, path: Path, rank: int) -> None:
+    """Write consolidated fp32 encoder weights as safetensors (rank 0), with the views and the
+    timm recipe of each encoder in the metadata (models/weights.py)."""
     state = engine.full_state_dict()
     if rank == 0:
-        tensors = export_encoder_state(state)
-        tmp = path.with_suffix(".tmp")
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
-        tmp.replace(path)
+        views = {view: keys[0] for view, keys in model.views.items()}
+        save_encoder_weights(export_encoder_state(state), path, views, encoder_recipes(model))
         print(f"exported encoders to {path}")
 
 

@@ -105,7 +105,9 @@ def build_view_encoder(
     want_chans = int(spec.pop("in_chans"))
     img_size = int(spec.pop("img_size"))
     patch_size = spec.pop("patch_size", None)
-    for key in ("head", "share", "share_encoder"):
+    # weights: a user's file started pretraining; the pretrained weights below (or none:
+    # random init) take its place.
+    for key in ("head", "share", "share_encoder", "weights"):
         spec.pop(key, None)
     if in_chans != want_chans:
         raise TaskError(

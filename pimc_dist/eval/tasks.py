@@ -70,6 +70,7 @@ import torch.nn.functional as F
 from pimc_dist.eval import metrics as metrics_lib
 from pimc_dist.label_subset import labelled_index
 from pimc_dist.recurrence import recurrence_plot_uint8
+from pimc_dist.shardset import normalize_views
 from pimc_dist.sources.base import hash_split
 from pimc_dist.sources.pastis import FOLD_ROTATION, VOID_LABEL
 
@@ -209,13 +210,12 @@ class Normalizer:
         self.stats = stats
 
     def __call__(self, view: str, x: np.ndarray | torch.Tensor) -> torch.Tensor:
-        t = torch.as_tensor(np.asarray(x) if not torch.is_tensor(x) else x).float()
+        t = torch.as_tensor(np.asarray(x) if not torch.is_tensor(x) else x)
         stats = self.stats.get(view)
         if stats is None:
-            return t
-        mean, std = (torch.as_tensor(a, dtype=torch.float32) for a in stats)
-        shape = (1, -1) + (1,) * (t.ndim - 2)
-        return (t - mean.view(shape)) / std.view(shape)
+            return t.float()
+        # The training loader's own normalisation, so that features match pretraining's.
+        return normalize_views({view: t}, {view: stats})[view]
 
     def batch(
         self, inputs: dict[str, np.ndarray], index: np.ndarray | slice

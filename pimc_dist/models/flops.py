@@ -1,4 +1,5 @@
-"""Analytic forward FLOPs of the encoders, heads and contrastive model (for MFU).
+"""Analytic forward FLOPs of the encoders, heads and contrastive model (for MFU); timm
+encoders other than ours are counted by `FlopCounterMode` on the meta device.
 
 Convention (the one of `torch.utils.flop_counter.FlopCounterMode` and of MFU
 reports such as PaLM's): only matrix multiplications, convolutions and the two
@@ -16,11 +17,13 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
 from pimc_dist.models.heads import ProjectionHead
 from pimc_dist.models.registry import build_encoder
 from pimc_dist.models.resnet import BasicBlock, Bottleneck, ResNet
 from pimc_dist.models.series import ResNet1d, SeriesCNN, series_flops
+from pimc_dist.models.timm_encoders import create_timm_model
 from pimc_dist.models.two_tower import ContrastiveModel
 from pimc_dist.models.vit import VisionTransformer
 
@@ -76,6 +79,17 @@ def head_flops(head: ProjectionHead) -> int:
     )
 
 
+def timm_flops(model: nn.Module, img_size: int) -> int:
+    """Forward FLOPs of a timm encoder (timm_encoders.py) for one image, counted by
+    `FlopCounterMode` (the convention above) on a copy built on the meta device."""
+    with torch.device("meta"):
+        copy = create_timm_model(model.timm_recipe)
+        x = torch.zeros(1, model.in_chans, img_size, img_size)
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        copy.eval()(x)
+    return int(counter.get_total_flops())
+
+
 def _encoder_flops(model: nn.Module, img_size: int) -> int:
     """`img_size`: the image side, or a 1D encoder's series length."""
     if isinstance(model, (SeriesCNN, ResNet1d)):
@@ -84,6 +98,8 @@ def _encoder_flops(model: nn.Module, img_size: int) -> int:
         return vit_flops(model, img_size, img_size)
     if isinstance(model, ResNet):
         return resnet_flops(model, img_size, img_size)
+    if hasattr(model, "timm_recipe"):
+        return timm_flops(model, img_size)
     raise TypeError(f"no FLOP formula for {type(model).__name__}")
 
 

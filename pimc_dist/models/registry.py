@@ -5,7 +5,9 @@ Encoder names: "resnet18", "resnet50", "vit_tiny", "vit_small", "vit_base",
 suffix ("vit_large_p8"). Without one, `default_patch_size(img_size)` picks it.
 1D encoders of index series (the `series` view, models/series.py): "cnn1d_small",
 "resnet1d18"; they take `in_chans` (the number of indices) and `seq_len` (the grid
-length) instead of `img_size`.
+length) instead of `img_size`. Any other name is a timm model ("convnext_tiny",
+"vit_base_patch14_dinov2"; models/timm_encoders.py, the optional `timm` extra), built with
+the view's in_chans, img_size, patch_size, pool and options, and `timm_args`.
 
 A model config, as `build_model` takes it::
 
@@ -20,7 +22,9 @@ encoder and head (a second augmentation of "s2"); `{share_encoder: s2}` runs
 the same encoder with a head of its own (optionally `head: {...}` overrides).
 Any other key of a view goes to the encoder (ResNet: small_input, width,
 zero_init_residual, grad_checkpointing; ViT: pool, drop_path_rate, grad_checkpointing, embed_dim,
-depth, num_heads, mlp_ratio, qkv_bias; 1D: width, and positions / zero_init_residual).
+depth, num_heads, mlp_ratio, qkv_bias; 1D: width, and positions / zero_init_residual; timm:
+keyword arguments of timm.create_model), except `weights`: a local timm / torchgeo weights
+file that `load_view_weights` (weights.py) starts the encoder from after the build.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ from torch import nn
 from pimc_dist.models.heads import ProjectionHead
 from pimc_dist.models.resnet import RESNET_LAYERS, ResNet
 from pimc_dist.models.series import SERIES_ENCODERS, build_series_encoder
+from pimc_dist.models.timm_encoders import TIMM_HINT, build_timm_encoder, import_timm
 from pimc_dist.models.two_tower import ContrastiveModel
 from pimc_dist.models.vit import VIT_SIZES, VisionTransformer, default_patch_size
 
@@ -61,10 +66,11 @@ VIEW_KEYS = frozenset({"encoder", "in_chans", "img_size", "seq_len", "patch_size
 _VIT_NAME = re.compile(r"^vit_([a-z]+)(?:_p(\d+))?$")
 
 
-def _unknown_name(name: str) -> ValueError:
+def _unknown_name(name: str, timm_missing: bool) -> ValueError:
+    timm_part = TIMM_HINT if timm_missing else "nor is it a timm model (timm.list_models())"
     return ValueError(
-        f"unknown encoder {name!r}; known: {', '.join(ENCODER_NAMES)} "
-        "(a ViT name may end in _p<patch size>, e.g. vit_base_p8)"
+        f"unknown encoder {name!r}; ours: {', '.join(ENCODER_NAMES)} "
+        f"(a ViT name may end in _p<patch size>, e.g. vit_base_p8); {timm_part}"
     )
 
 
@@ -112,7 +118,12 @@ def build_encoder(
 
     match = _VIT_NAME.match(name)
     if match is None or match.group(1) not in VIT_SIZES:
-        raise _unknown_name(name)
+        timm = import_timm()
+        if timm is None or not timm.is_model(name):
+            raise _unknown_name(name, timm_missing=timm is None)
+        return build_timm_encoder(
+            name, in_chans=in_chans, img_size=img_size, patch_size=patch_size, **kw
+        )
     _check_options(name, kw, VIT_OPTIONS)
     size, name_patch = VIT_SIZES[match.group(1)], match.group(2)
     if name_patch is not None:
@@ -179,6 +190,7 @@ def build_model(
         if missing:
             raise ValueError(f"view {view!r}: missing {', '.join(missing)}")
         name = spec.pop("encoder")
+        spec.pop("weights", None)  # read by load_view_weights once the model is built
         in_chans = spec.pop("in_chans")
         sizes = {k: spec.pop(k) for k in ("img_size", "seq_len", "patch_size") if k in spec}
         view_head = {**head_cfg, **dict(spec.pop("head", None) or {})}

@@ -11,15 +11,12 @@ The forward pass returns globally average-pooled features of the last stage.
 
 With `grad_checkpointing` each of the four stages is recomputed in the backward
 pass instead of keeping its activations (torch.utils.checkpoint, non-reentrant).
-The recomputation runs the stage's BatchNorms in training mode again, which
-would update their running statistics a second time; they are put back after
-it, so a checkpointed model ends a step with the same buffers as a plain one.
+The recomputation runs the stage's BatchNorms in training mode again; they
+(models/norm.py) leave their running statistics alone then, so a checkpointed
+model ends a step with the same buffers as a plain one.
 """
 
 from __future__ import annotations
-
-import contextlib
-from collections.abc import Iterator
 
 import torch
 from torch import nn
@@ -191,33 +188,7 @@ class ResNet(nn.Module):
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
         for stage in self.stages():
             if self.grad_checkpointing and torch.is_grad_enabled():
-                x = checkpoint(
-                    stage,
-                    x,
-                    use_reentrant=False,
-                    context_fn=lambda stage=stage: (
-                        contextlib.nullcontext(),
-                        _batchnorm_stats_kept(stage),
-                    ),
-                )
+                x = checkpoint(stage, x, use_reentrant=False)
             else:
                 x = stage(x)
         return x.mean(dim=(2, 3))
-
-
-@contextlib.contextmanager
-def _batchnorm_stats_kept(module: nn.Module) -> Iterator[None]:
-    """Restore the BatchNorm running statistics under `module` on exit (for recomputation)."""
-    saved = [
-        (buf, buf.clone())
-        for m in module.modules()
-        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats
-        for buf in (m.running_mean, m.running_var, m.num_batches_tracked)
-        if buf is not None
-    ]
-    try:
-        yield
-    finally:
-        with torch.no_grad():
-            for buf, value in saved:
-                buf.copy_(value)
