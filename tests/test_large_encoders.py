@@ -48,13 +48,15 @@ def step_results(cfg, state: dict, batch: dict) -> tuple[float, dict, dict, int]
     return out["loss"], grads, buffers, peak
 
 
-@pytest.mark.parametrize("towers", [[], VIT_TOWERS], ids=["resnet", "vit"])
-def test_activation_checkpointing_keeps_loss_and_gradients_and_lowers_peak_memory(towers):
+def checkpointing_peaks(*towers: str, batch_size: int = 16) -> tuple[int, int]:
+    """Train one step of tiny.yaml with `towers` overrides with and without
+    model.grad_checkpointing from the same weights; asserts the same loss, gradients and
+    BatchNorm statistics, and returns the two peak memories (plain, checkpointed)."""
     plain_cfg = load_tiny(*towers)
     ckpt_cfg = load_tiny(*towers, "model.grad_checkpointing=true")
     torch.manual_seed(0)
     state = pretrain.build_model(plain_cfg).state_dict()
-    batch = planning.random_batch(plain_cfg, 16)
+    batch = planning.random_batch(plain_cfg, batch_size)
     loss0, grads0, buffers0, peak0 = step_results(plain_cfg, state, batch)
     loss1, grads1, buffers1, peak1 = step_results(ckpt_cfg, state, batch)
     assert loss1 == pytest.approx(loss0, rel=1e-6)
@@ -64,6 +66,12 @@ def test_activation_checkpointing_keeps_loss_and_gradients_and_lowers_peak_memor
     # BatchNorm statistics are updated once per step, not again by the recomputation.
     for name in buffers0:
         torch.testing.assert_close(buffers1[name], buffers0[name], rtol=0, atol=0, msg=name)
+    return peak0, peak1
+
+
+@pytest.mark.parametrize("towers", [[], VIT_TOWERS], ids=["resnet", "vit"])
+def test_activation_checkpointing_keeps_loss_and_gradients_and_lowers_peak_memory(towers):
+    peak0, peak1 = checkpointing_peaks(*towers)
     assert peak1 < 0.8 * peak0, (peak1 / 2**20, peak0 / 2**20)
 
 

@@ -20,7 +20,7 @@ from torch import nn
 from pimc_dist import config as config_lib
 from pimc_dist.encoders import find_weights
 from pimc_dist.eval.tasks import ENCODED_VIEWS, SplitData, Task, TaskError
-from pimc_dist.models import SeriesCNN, build_encoder, load_encoder_weights
+from pimc_dist.models import SeriesCNN, build_encoder, is_own_encoder, load_encoder_weights
 
 
 class FinetuneError(RuntimeError):
@@ -114,10 +114,12 @@ def build_view_encoder(
             f"the data has {in_chans} channels for this input, the '{owner}' encoder takes "
             f"{want_chans}: pick bands with finetune.input_bands"
         )
-    if name.startswith("vit"):
+    if name.startswith("vit") and is_own_encoder(name):
         if height != width:
             raise TaskError(f"a ViT encoder needs square inputs, got {height} x {width}")
         img_size = height  # position embeddings are resized to this grid when loading
+    elif not is_own_encoder(name) and height == width:
+        img_size = height  # a timm model built for the data's size (a ViT's grid is resized)
     try:
         encoder = build_encoder(
             name, in_chans=in_chans, img_size=img_size, patch_size=patch_size, **spec

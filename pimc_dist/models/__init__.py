@@ -17,6 +17,7 @@ from pimc_dist.models.registry import (
     build_head,
     build_model,
     compile_encoders,
+    is_own_encoder,
 )
 from pimc_dist.models.resnet import ResNet
 from pimc_dist.models.series import SERIES_ENCODERS, ResNet1d, SeriesCNN
@@ -58,6 +59,7 @@ __all__ = [
     "encoder_recipes",
     "default_patch_size",
     "export_encoder_state",
+    "is_own_encoder",
     "load_encoder_weights",
     "load_pretrained_weights",
     "load_view_weights",

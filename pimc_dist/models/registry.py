@@ -74,6 +74,16 @@ def _unknown_name(name: str, timm_missing: bool) -> ValueError:
     )
 
 
+def is_own_encoder(name: str) -> bool:
+    """Whether `name` is one of ours (a ResNet, ViT or 1D short name); any other is timm's."""
+    match = _VIT_NAME.match(name)
+    return (
+        name in RESNET_LAYERS
+        or name in SERIES_ENCODERS
+        or (match is not None and match.group(1) in VIT_SIZES)
+    )
+
+
 def _check_options(what: str, given: Mapping[str, Any], allowed: frozenset[str]) -> None:
     unknown = sorted(set(given) - allowed)
     if unknown:
@@ -116,8 +126,7 @@ def build_encoder(
         block, layers = RESNET_LAYERS[name]
         return ResNet(block, layers, in_chans=in_chans, img_size=img_size, **kw)
 
-    match = _VIT_NAME.match(name)
-    if match is None or match.group(1) not in VIT_SIZES:
+    if not is_own_encoder(name):
         timm = import_timm()
         if timm is None or not timm.is_model(name):
             raise _unknown_name(name, timm_missing=timm is None)
@@ -125,6 +134,7 @@ def build_encoder(
             name, in_chans=in_chans, img_size=img_size, patch_size=patch_size, **kw
         )
     _check_options(name, kw, VIT_OPTIONS)
+    match = _VIT_NAME.match(name)
     size, name_patch = VIT_SIZES[match.group(1)], match.group(2)
     if name_patch is not None:
         if patch_size is not None and patch_size != int(name_patch):
