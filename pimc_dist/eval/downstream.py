@@ -114,11 +114,12 @@ def build_view_encoder(
             f"the data has {in_chans} channels for this input, the '{owner}' encoder takes "
             f"{want_chans}: pick bands with finetune.input_bands"
         )
-    if name.startswith("vit") and is_own_encoder(name):
+    own = is_own_encoder(name)
+    if own and name.startswith("vit"):
         if height != width:
             raise TaskError(f"a ViT encoder needs square inputs, got {height} x {width}")
         img_size = height  # position embeddings are resized to this grid when loading
-    elif not is_own_encoder(name) and height == width:
+    elif not own and height == width:
         img_size = height  # a timm model built for the data's size (a ViT's grid is resized)
     try:
         encoder = build_encoder(

@@ -293,10 +293,10 @@ def _first_conv_hints(
         hints = []
         if file.shape[1] != model.shape[1]:
             hints.append(f"the file's first convolution takes {file.shape[1]} bands: set in_chans")
-        if key == "conv1.weight" and file.shape[2:] != model.shape[2:]:
+        if file.shape[2:] != model.shape[2:] and key == "conv1.weight":
             stem = "small_input: false" if file.shape[-1] == 7 else "small_input: true"
             hints.append(f"its stem is {file.shape[-2]}x{file.shape[-1]}: set {stem}")
-        if key != "conv1.weight" and file.shape[2:] != model.shape[2:]:
+        elif file.shape[2:] != model.shape[2:]:
             hints.append(f"its patch size is {file.shape[-1]}: set patch_size")
         return hints
     return []
