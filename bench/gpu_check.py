@@ -6,8 +6,8 @@ into the JSON and the next section runs), in this order:
   environment     nvidia-smi, torch / CUDA / NCCL / DeepSpeed versions, CPU model and vector
                   extensions (bench/machine.py)
   pytest_gpu      `pytest -m gpu` on the test files that hold GPU tests: passed / failed / skipped
-  train_step      bench/train_step.py's device mode: our DeepSpeed engine vs DDP (one rank) on
-                  the same model and data, bf16, ZeRO-1 and ZeRO-2, for pimc.yaml's model, its
+  train_step      bench/train_step.py's device mode: our DeepSpeed engine (ZeRO-1, ZeRO-2) vs
+                  DDP (one rank, timed once) on the same model and data, bf16, for pimc.yaml's model, its
                   plot tower and crop tower alone at their real input sizes, and ViT-L/16 at
                   224 px: samples/s, MFU (models/flops.py), peak memory
   loss            bench/loss.py: the gathered CLIP loss on NCCL (one rank) at batch 4k, 16k, 64k:
@@ -17,6 +17,8 @@ into the JSON and the next section runs), in this order:
   loader_to_gpu   shards of synthetic PASTIS pixels -> the shard loader (workers, pinned
                   memory) -> the pimc.yaml training step on the GPU: samples/s of the loader
                   alone, of loader + step, and of the step on one cached batch
+  pretrain        a real `python -m pimc_dist.pretrain` (tiny.yaml's towers, bf16, nccl):
+                  4 steps, a resume to 6, `load_encoder` of the export on the GPU
 
 `--device cpu --smoke` runs the same sections end to end on the CPU (gloo, tiny stand-ins of
 the models, small batches) in under 3 minutes: tests/test_gpu_check.py does, so this script
@@ -57,12 +59,13 @@ sys.path.insert(0, str(ROOT / "tests"))  # the rank runner the distributed bench
 # Seconds each section may take on a GPU (sum 470: the whole run stays under 8 minutes)
 # and in the CPU smoke mode (sum 180). --time-scale stretches both (a loaded CI machine).
 BUDGET_S = {
-    "environment": (30, 15),
-    "pytest_gpu": (60, 25),
-    "train_step": (200, 70),
+    "environment": (30, 10),
+    "pytest_gpu": (50, 15),
+    "train_step": (150, 50),
     "loss": (60, 15),
     "recurrence": (40, 15),
-    "loader_to_gpu": (80, 40),
+    "loader_to_gpu": (80, 30),
+    "pretrain": (60, 45),
 }
 SECTIONS = tuple(BUDGET_S)
 DEADLINE: float | None = None  # in a section's process: when the driver stops it (epoch s)
@@ -87,6 +90,9 @@ def section_environment(device: str, smoke: bool, work: Path) -> dict[str, Any]:
         "numba": numba.__version__,
         "cuda_available": torch.cuda.is_available(),
         "gpu_count": torch.cuda.device_count(),
+        # The loader's batch ring and torch's worker transport live in /dev/shm.
+        "dev_shm_gib": _disk_gib("/dev/shm"),
+        "packages": _versions("typing_extensions", "pydantic", "pydantic_core", "numpy", "numba"),
     }
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
@@ -115,6 +121,25 @@ def section_environment(device: str, smoke: bool, work: Path) -> dict[str, Any]:
     else:
         out["nvidia_smi"] = None  # no NVIDIA driver on this machine (the CPU smoke mode)
     return out
+
+
+def _disk_gib(path: str) -> dict[str, float] | None:
+    if not Path(path).is_dir():
+        return None
+    usage = shutil.disk_usage(path)
+    return {"total": usage.total / 2**30, "free": usage.free / 2**30}
+
+
+def _versions(*names: str) -> dict[str, str | None]:
+    from importlib import metadata
+
+    found: dict[str, str | None] = {}
+    for name in names:
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            found[name] = None
+    return found
 
 
 def _as_tuple(version: Any) -> tuple:
@@ -150,24 +175,40 @@ def section_pytest_gpu(device: str, smoke: bool, work: Path) -> dict[str, Any]:
     }
 
 
+def _kill_group(proc: subprocess.Popen, started: float) -> None:
+    """Kill `proc`'s whole process group, and remove the lock files of the torch extension
+    builds it took since `started` (DeepSpeed compiles its CPU comm op on first start): left
+    behind, they make every later start wait forever for a build that is gone."""
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    root = os.environ.get("TORCH_EXTENSIONS_DIR") or Path.home() / ".cache" / "torch_extensions"
+    for lock in Path(root).glob("*/*/lock"):
+        if lock.stat().st_mtime >= started:
+            lock.unlink(missing_ok=True)
+
+
 def _run_bench(cmd: list[str], device: str) -> None:
-    """Run a bench script; stop it (its whole process group) before this section's deadline."""
+    """Run `python *cmd` (a bench script, or `-m module`); stop it (its whole process group)
+    before this section's deadline."""
     env = dict(os.environ, DS_ACCELERATOR=device, WANDB_MODE="disabled")
+    what = " ".join(cmd[:2]) if cmd[0] == "-m" else cmd[0]
     left = DEADLINE - time.time() - 3 if DEADLINE else None
     if left is not None and left < 5:
-        raise TimeoutError(f"no time left for {cmd[0]}")
+        raise TimeoutError(f"no time left for {what}")
+    started = time.time()
     proc = subprocess.Popen([sys.executable, *cmd], cwd=ROOT, env=env, start_new_session=True)
     try:
         proc.wait(timeout=left)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-        raise TimeoutError(f"{cmd[0]} stopped at this section's time limit") from None
+        _kill_group(proc, started)
+        raise TimeoutError(f"{what} stopped at this section's time limit") from None
     if proc.returncode != 0:
-        raise RuntimeError(f"{cmd[0]} exited {proc.returncode} (see this section's log)")
+        raise RuntimeError(f"{what} exited {proc.returncode} (see this section's log)")
 
 
 def section_train_step(device: str, smoke: bool, work: Path) -> dict[str, Any]:
+    from train_step import add_ratios_to_ddp
+
     # One bench run per workload, most wanted first: a time limit loses the rest, not all.
     workloads = ["pimc", "vit_l16_224"] if smoke else ["pimc", "vit_l16_224", "pimc_rp", "pimc_rsi"]
     rows: list[dict] = []
@@ -183,7 +224,12 @@ def section_train_step(device: str, smoke: bool, work: Path) -> dict[str, Any]:
         try:
             _run_bench(cmd, device)
         except (RuntimeError, TimeoutError) as exc:
-            rows.append({"model": workload, "stage": None, "path": "all", "error": str(exc)})
+            # The rows measured before it stopped, then what stopped it.
+            partial = out.with_suffix(".partial.jsonl")
+            if partial.is_file():
+                measured = [json.loads(line) for line in partial.read_text().splitlines() if line]
+                rows += add_ratios_to_ddp(measured)
+            rows.append({"model": workload, "stage": None, "path": "rest", "error": str(exc)})
             continue
         result = json.loads(out.read_text())
         rows += result["rows"]
@@ -223,6 +269,54 @@ def section_loader_to_gpu(device: str, smoke: bool, work: Path) -> dict[str, Any
     options = {"device": device, "smoke": smoke, "shards": str(shards), "work": str(work)}
     backend = "nccl" if device == "cuda" else "gloo"
     return run_on_ranks(_loader_rank, 1, options, backend=backend, timeout_s=600, threads=4)[0]
+
+
+def section_pretrain(device: str, smoke: bool, work: Path) -> dict[str, Any]:
+    """A real `python -m pimc_dist.pretrain`: tiny.yaml's towers on small synthetic shards,
+    one rank (nccl on the GPU, bf16 there): 4 steps with a checkpoint every 2, then a resume
+    to step 6, then `load_encoder` of the export on the device (no W&B: not the device's). The benches time steps; this
+    runs what only the job does on the device: its own collectives, checkpoints of device
+    tensors, the resume and the export."""
+    import torch
+
+    from pimc_dist import config as config_lib
+    from pimc_dist.encoders import load_encoder
+    from pimc_dist.tracking import read_metrics
+
+    shards = _fixture_shards(work, smoke=True)
+    bf16 = str(device == "cuda").lower()
+    extra = [f"deepspeed.bf16={bf16}", "train.ckpt_every_steps=2", "train.log_every_steps=1"]
+    extra += ["tracking.wandb=false"]
+    cfg = _loader_config(shards, work, True, extra)
+    config_path = config_lib.save(cfg, work / "pretrain.yaml")
+    run_dir, batch = Path(cfg.train.run_dir), int(cfg.train.batch_size)
+    seconds = []
+    for steps in (4, 6):
+        started = time.perf_counter()
+        cmd = ["-m", "pimc_dist.pretrain", "--config", str(config_path)]
+        _run_bench([*cmd, f"train.total_samples={steps * batch}"], device)
+        seconds.append(round(time.perf_counter() - started, 1))
+    rows = [r for r in read_metrics(run_dir / "metrics.jsonl") if "loss" in r]
+    steps_logged = [int(r["step"]) for r in rows]
+    if steps_logged != list(range(1, 7)):
+        raise RuntimeError(f"steps logged {steps_logged}, expected 1..6 (4, then a resume)")
+    dev = torch.device("cuda", 0) if device == "cuda" else torch.device("cpu")
+    encoder = load_encoder(run_dir, "rp", device=dev)
+    spec = encoder.input
+    features = encoder(torch.zeros(2, spec.channels, spec.size, spec.size, dtype=torch.uint8))
+    last = rows[-1]
+    return {
+        "bf16": bf16 == "true",
+        "run_seconds": seconds,
+        "steps": steps_logged[-1],
+        "first_loss": rows[0]["loss"],
+        "last_loss": last["loss"],
+        "samples_per_s": last.get("samples_per_s"),
+        "mfu": last.get("mfu"),
+        "peak_mem_gb": last.get("peak_mem_gb"),
+        "encoder_features_finite": bool(torch.isfinite(features).all()),
+        "encoder_device": str(encoder.device),
+    }
 
 
 def _loader_config(shards: Path | None, work: Path, smoke: bool, extra: list[str]) -> Any:
@@ -346,6 +440,7 @@ SECTION_FUNCTIONS = {
     "loss": section_loss,
     "recurrence": section_recurrence,
     "loader_to_gpu": section_loader_to_gpu,
+    "pretrain": section_pretrain,
 }
 
 
@@ -358,16 +453,22 @@ def run_section(name: str, args: argparse.Namespace, out_dir: Path, limit_s: flo
 
     Its output is appended to out_dir/gpu_check.log under a header line.
     """
-    started = time.perf_counter()
+    started, started_epoch = time.perf_counter(), time.time()
     status: dict[str, Any] = {"ok": False}
+    log = out_dir / "gpu_check.log"
     with tempfile.TemporaryDirectory(prefix=f"gpu_check-{name}-") as tmp:
-        log, result_file = Path(tmp) / "section.log", Path(tmp) / "result.json"
+        result_file = Path(tmp) / "result.json"
         cmd = [sys.executable, str(Path(__file__).resolve()), "--section", name]
         cmd += ["--device", args.device, "--result-file", str(result_file)]
-        cmd += ["--deadline", str(time.time() + limit_s)]
+        cmd += ["--deadline", str(started_epoch + limit_s)]
         cmd += ["--smoke"] if args.smoke else []
         env = dict(os.environ, DS_ACCELERATOR=args.device, WANDB_MODE="disabled")
-        with open(log, "w") as out:
+        # Straight into the log under $OUT: if the device session itself is cut short, what
+        # the section printed (a traceback, say) still comes back.
+        with open(log, "ab") as out:
+            out.write(f"\n===== {name} (limit {limit_s:.0f} s) =====\n".encode())
+            out.flush()
+            offset = out.tell()
             # A session of its own: on timeout the whole group (ranks, loader workers) goes.
             proc = subprocess.Popen(
                 cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
@@ -375,17 +476,19 @@ def run_section(name: str, args: argparse.Namespace, out_dir: Path, limit_s: flo
             try:
                 proc.wait(timeout=max(1.0, limit_s))
             except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+                _kill_group(proc, started_epoch)
                 status["error"] = f"timed out after {limit_s:.0f} s"
         status["seconds"] = round(time.perf_counter() - started, 1)
         if result_file.is_file():
             status |= json.loads(result_file.read_text())
         elif "error" not in status:
             status["error"] = f"exited {proc.returncode} without a result"
-        text = log.read_text(errors="replace")
-    with open(out_dir / "gpu_check.log", "a") as all_logs:
-        all_logs.write(f"\n===== {name} ({status['seconds']} s) =====\n{text}")
+    with open(log, "rb") as f:
+        f.seek(offset)
+        text = f.read().decode(errors="replace")
+    with open(log, "a") as f:
+        f.write(f"===== {name}: {'ok' if 'error' not in status else 'failed'}, "
+                f"{status['seconds']} s =====\n")  # fmt: skip
     if "error" in status:
         status["ok"] = False
         status["log_tail"] = text[-3000:]
@@ -450,14 +553,15 @@ def markdown(report: dict) -> str:
             "|---|---|---|---|---|---|---|---|",
         ]
         for r in ts["rows"]:
-            if "error" in r:  # one run, or a whole workload (stage None)
-                lines.append(f"| {r['model']} | {r['stage']} | {r['path']} | | failed: "
+            stage = "-" if r["stage"] is None else r["stage"]  # DDP, or a whole workload
+            if "error" in r:
+                lines.append(f"| {r['model']} | {stage} | {r['path']} | | failed: "
                              f"{r['error'][:80]} | | | |")  # fmt: skip
                 continue
             mfu = f"{r['mfu']:.1%}" if r.get("mfu") is not None else "n/a"
             ratio = f"{r['ratio_to_ddp']:.2f}" if "ratio_to_ddp" in r else ""
             lines.append(
-                f"| {r['model']} | {r['stage']} | {r['path']} | {r['batch_per_gpu']} | "
+                f"| {r['model']} | {stage} | {r['path']} | {r['batch_per_gpu']} | "
                 f"{_fmt(r['samples_per_s'])} | {mfu} | {_fmt(r['peak_mem_gib'], '.2f')} | {ratio} |"
             )
     loss = report["sections"].get("loss", {}).get("result")
@@ -501,6 +605,20 @@ def markdown(report: dict) -> str:
             f"- loader + step: {_fmt(ld['loader_plus_step_samples_per_s'])} samples/s "
             f"({ld['fed_over_cached']:.2f} of the cached rate)",
         ]
+    pt = report["sections"].get("pretrain", {}).get("result")
+    if pt:
+        mfu = f"{pt['mfu']:.1%}" if pt.get("mfu") is not None else "n/a"
+        lines += [
+            "",
+            "## Pretraining job (tiny.yaml's towers, one rank)",
+            "",
+            f"- 4 steps, then a resume to {pt['steps']}: {pt['run_seconds']} s per run; loss "
+            f"{pt['first_loss']:.3f} -> {pt['last_loss']:.3f}; bf16 {pt['bf16']}",
+            f"- last logged: {_fmt(pt['samples_per_s'])} samples/s, MFU {mfu}, peak "
+            f"{_fmt(pt['peak_mem_gb'], '.2f')} GiB",
+            f"- load_encoder on {pt['encoder_device']}: features finite "
+            f"{pt['encoder_features_finite']}",
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -529,6 +647,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def _build_deepspeed_cpu_op() -> float:
+    """Seconds to load DeepSpeed's CPU comm op, compiling it first where it is not cached.
+
+    On the CPU, DeepSpeed compiles that op at its first start on a machine (about a minute on
+    2 cores): done here, outside the timed sections, whose limits would cut every try short.
+    """
+    started = time.perf_counter()
+    code = "from deepspeed.comm.torch import build_shm_op; build_shm_op()"
+    env = dict(os.environ, DS_ACCELERATOR="cpu")
+    subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, check=True)
+    return round(time.perf_counter() - started, 1)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.section:
@@ -538,6 +669,7 @@ def main(argv: list[str] | None = None) -> int:
     out_dir = args.out or Path(os.environ.get("OUT") or BENCH / "results" / "gpu")
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "gpu_check.log").write_text(f"gpu_check {' '.join(sys.argv[1:])}\n")
+    prebuild_s = _build_deepspeed_cpu_op() if args.device == "cpu" else None
     budget = (args.budget_s or (180.0 if args.smoke else 480.0)) * args.time_scale
     started = time.perf_counter()
     report: dict[str, Any] = {
@@ -548,6 +680,7 @@ def main(argv: list[str] | None = None) -> int:
         "argv": sys.argv[1:],
         "budget_s": budget,
         "time_scale": args.time_scale,
+        "deepspeed_cpu_op_build_s": prebuild_s,
         "sections": {},
     }
     for name in args.sections:

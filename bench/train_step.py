@@ -486,13 +486,15 @@ def _sync(device: Any) -> None:
 
 
 def device_rank(rank: int, world: int, options: dict) -> list[dict]:
-    """Device mode on one rank: every workload x stage, DeepSpeed then DDP, one after the other.
+    """Device mode on one rank: per workload, DeepSpeed at each ZeRO stage and DDP once (its
+    row has stage None), one after the other.
 
-    A workload that fails (out of memory, say) gives a row with its error; the others run.
+    A path that fails (out of memory, say) gives a row with its error; the others run. Each
+    row is also appended to options["partial"] (JSON lines) as soon as it is measured.
     """
     import torch
 
-    from pimc_dist.pretrain import PEAK_BF16_FLOPS
+    from pimc_dist.pretrain import peak_bf16_flops
 
     if options["device"] == "cuda":
         torch.cuda.set_device(0)
@@ -500,48 +502,53 @@ def device_rank(rank: int, world: int, options: dict) -> list[dict]:
         name = torch.cuda.get_device_name(device)
     else:
         device, name = torch.device("cpu"), "cpu"
-    peak = options["peak_flops"] or next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
+    peak = options["peak_flops"] or peak_bf16_flops(name)
     tmp = Path(options["tmp"])
     rows = []
     for model in options["models"]:
-        for stage in options["stages"]:
+        # DDP does not depend on the ZeRO stage: timed once per model, after the first stage
+        # (a time limit then still leaves one DeepSpeed-vs-DDP pair).
+        stages = list(options["stages"])
+        runs = [("ds", stages[0]), ("ddp", stages[0])] + [("ds", st) for st in stages[1:]]
+        for path, stage in runs:
             cfg = workload_config(
                 model, stage, str(tmp / "run"), options["batch"], options["smoke"]
             )
             global_batch = int(cfg.train.batch_size) * world
-            for path in ("ds", "ddp"):
-                row = {
-                    "model": model,
-                    "encoders": {v: dict(s) for v, s in cfg.model.views.items()},
-                    "stage": stage,
-                    "path": _path_label(path, bool(cfg.deepspeed.bf16)),
-                    "batch_per_gpu": int(cfg.train.batch_size),
-                    "device_name": name,
-                }
-                try:
-                    row |= _time_path(path, cfg, rank, world, device, options, global_batch)
-                except Exception as exc:  # one workload's failure must not lose the others
-                    row["error"] = f"{type(exc).__name__}: {exc}"[:500]
-                    print(f"{model} ZeRO-{stage} {path}: {row['error']}", flush=True)
-                else:
-                    flops = row.pop("flops_per_sample")
-                    row["train_flops_per_sample"] = flops
-                    row["mfu"] = row["samples_per_s"] * flops / (peak * world) if peak else None
-                rows.append(row)
-                gc.collect()
-                if device.type == "cuda":
-                    torch.cuda.empty_cache()
+            row = {
+                "model": model,
+                "encoders": {v: dict(s) for v, s in cfg.model.views.items()},
+                "stage": stage if path == "ds" else None,
+                "path": _path_label(path, bool(cfg.deepspeed.bf16)),
+                "batch_per_gpu": int(cfg.train.batch_size),
+                "device_name": name,
+            }
+            try:
+                row |= _time_path(path, cfg, rank, world, device, options, global_batch)
+            except Exception as exc:  # one workload's failure must not lose the others
+                row["error"] = f"{type(exc).__name__}: {exc}"[:500]
+                print(f"{model} {row['path']} ZeRO-{stage}: {row['error']}", flush=True)
+            else:
+                flops = row.pop("flops_per_sample")
+                row["train_flops_per_sample"] = flops
+                row["mfu"] = row["samples_per_s"] * flops / (peak * world) if peak else None
+            rows.append(row)
+            if options.get("partial"):  # what a time limit would otherwise lose
+                with open(options["partial"], "a") as f:
+                    f.write(json.dumps(row, default=str) + "\n")
+            gc.collect()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    return add_ratios_to_ddp(rows)
+
+
+def add_ratios_to_ddp(rows: list[dict]) -> list[dict]:
+    """Give each DeepSpeed row of the device mode its `ratio_to_ddp`: its samples/s over its
+    model's DDP row (stage None), where both ran."""
     for row in rows:
-        if row["path"].startswith("ds") and "error" not in row:
-            ref = next(
-                r
-                for r in rows
-                if r["model"] == row["model"]
-                and r["stage"] == row["stage"]
-                and r["path"][:3] == "ddp"
-            )
-            if "error" not in ref:
-                row["ratio_to_ddp"] = row["samples_per_s"] / ref["samples_per_s"]
+        ddp = next((r for r in rows if r["model"] == row["model"] and r["stage"] is None), None)
+        if row["stage"] is not None and ddp is not None and "error" not in row | ddp:
+            row["ratio_to_ddp"] = row["samples_per_s"] / ddp["samples_per_s"]
     return rows
 
 
@@ -559,6 +566,10 @@ def _time_path(
 
     from pimc_dist.models import count_flops
 
+    # Memory an earlier path left allocated (DeepSpeed keeps some references) is not this
+    # path's: the peak below is counted above it.
+    gc.collect()
+    leftover = torch.cuda.memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
     net, batch, loss_of = build_workload("two_tower", cfg, rank, device)
     flops_per_sample = 3.0 * count_flops(net)
     params = sum(p.numel() for p in net.parameters())
@@ -597,7 +608,8 @@ def _time_path(
             options["steps"] * global_batch / t for t in (max(times), min(times))
         ],
         "flops_per_sample": flops_per_sample,
-        "peak_mem_gib": _peak_memory_gib(device),
+        "peak_mem_gib": _peak_memory_gib(device) - leftover,
+        "leftover_mem_gib": leftover,
     }
 
 
@@ -666,13 +678,14 @@ def print_gpu_table(rows: list[dict]) -> None:
         f"{'vs DDP':>6}"
     )
     for r in rows:
+        stage = "-" if r["stage"] is None else r["stage"]  # DDP: one row for every stage
         if "error" in r:
-            print(f"{r['model']:>12} {r['stage']:>4} {r['path']:>20}  failed: {r['error'][:80]}")
+            print(f"{r['model']:>12} {stage:>4} {r['path']:>20}  failed: {r['error'][:80]}")
             continue
         mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "n/a"
         ratio = f"{r['ratio_to_ddp']:.2f}" if "ratio_to_ddp" in r else ""
         print(
-            f"{r['model']:>12} {r['stage']:>4} {r['path']:>20} {r['samples_per_s']:>10.0f} "
+            f"{r['model']:>12} {stage:>4} {r['path']:>20} {r['samples_per_s']:>10.0f} "
             f"{mfu:>6} {r['peak_mem_gib']:>8.2f} {ratio:>6}"
         )
 
@@ -744,6 +757,11 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"--variant {spec!r}: expected NAME=JSON")
         variants[name] = json.loads(text)
     info = machine_info(args.device)
+    device_mode = args.device == "cuda" or args.smoke
+    out = args.out or RESULTS / ("train_step_cuda.json" if device_mode else "train_step.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    partial = out.with_suffix(".partial.jsonl")
+    partial.unlink(missing_ok=True)
     started = time.time()
     rows: list[dict] = []
     configs: dict[str, Any] = {}
@@ -760,6 +778,7 @@ def main(argv: list[str] | None = None) -> int:
                 "warmup": args.warmup if args.smoke else max(args.warmup, 5),
                 "peak_flops": args.peak_tflops * 1e12 if args.peak_tflops else None,
                 "tmp": tmp,
+                "partial": str(partial),
             }
             unknown = set(options["models"]) - set(WORKLOADS)
             if unknown:
@@ -818,9 +837,6 @@ def main(argv: list[str] | None = None) -> int:
                     sys.stdout.flush()
     info["load_average_end"] = list(os.getloadavg())
     info["seconds"] = round(time.time() - started, 1)
-    device_mode = args.device == "cuda" or args.smoke
-    out = args.out or RESULTS / ("train_step_cuda.json" if device_mode else "train_step.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
     result = {
         "benchmark": "train_step",
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
@@ -835,6 +851,7 @@ def main(argv: list[str] | None = None) -> int:
         "deepspeed_configs": configs,
     }
     out.write_text(json.dumps(result, indent=2, default=str))
+    partial.unlink(missing_ok=True)
     if not device_mode:
         print("\nfull table:")
         print_cpu_table(rows)

@@ -94,6 +94,23 @@ class Stopped:
         return f"stopped {at} on {on}, checkpoint saved; rerun the same command to resume"
 
 
+@dataclass(frozen=True)
+class Failed:
+    """A task's result when its job stopped on an error whose message says it all (its
+    module's USER_ERRORS: a run folder in use, a refused config, damaged shards): the message
+    and the exit status the job's own command line gives, instead of a traceback."""
+
+    rank: int
+    message: str
+    status: int
+
+
+def user_error_status(main: Callable[..., Any], exc: BaseException) -> int | None:
+    """The exit status of `exc` when `main`'s module lists it in USER_ERRORS, else None."""
+    table = getattr(sys.modules.get(main.__module__), "USER_ERRORS", {})
+    return next((code for kind, code in table.items() if isinstance(exc, kind)), None)
+
+
 def handles_stops(main: Callable[..., Any]) -> bool:
     """Whether a job's main stops at a step boundary on SIGTERM/SIGINT, saving a checkpoint
     (its module sets `STOPS_ON_SIGNAL = True`); other jobs are simply ended by Ctrl-C."""
@@ -142,7 +159,14 @@ class EntryJob:
         # A job that stops at step boundaries takes Ctrl-C (SIGINT) as a stop request too.
         extra = (signal.SIGINT,) if handles_stops(self.main) else ()
         distributed.install_stop_handlers((*distributed.STOP_SIGNALS, *extra))
-        code = int(self.main(cfg) or 0)
+        try:
+            code = int(self.main(cfg) or 0)
+        except Exception as exc:
+            status = user_error_status(self.main, exc)
+            if status is None:  # unexpected: submitit keeps the traceback
+                raise
+            print(f"error: {exc}", file=sys.stderr, flush=True)
+            return Failed(env.rank, str(exc), status)
         if code == REQUEUE_EXIT_CODE:
             return self._after_stop(env.rank, cfg)
         if code != 0:
@@ -626,6 +650,7 @@ def wait_for(sub: Submitted, poll_s: float = 1.0) -> int:
     outcomes = task_outcomes(sub)
     failed = [r for r, (kind, _) in enumerate(outcomes) if kind != "success"]
     stopped = [v for kind, v in outcomes if kind == "success" and isinstance(v, Stopped)]
+    refused = [v for kind, v in outcomes if kind == "success" and isinstance(v, Failed)]
     if sub.cluster == "slurm" and info is not None:
         code, _, sig = info.get("ExitCode", "0:0").partition(":")
         status = int(code) or (128 + int(sig) if sig.isdigit() and int(sig) else 0)
@@ -639,6 +664,13 @@ def wait_for(sub: Submitted, poll_s: float = 1.0) -> int:
             print(f"--- rank {rank} failed:\n{str(detail)[-3000:]}", file=sys.stderr)
         elif status:
             print(f"--- rank {rank} left no result; see {sub.log_path(rank)}", file=sys.stderr)
+    if refused:
+        # Rank 0's message is in the log followed above; another rank's alone is not.
+        for other in {f.message: f for f in refused if f.rank != 0}.values():
+            print(f"--- rank {other.rank}: error: {other.message}", file=sys.stderr)
+        status = max(status, *(f.status for f in refused))
+        print(f"[launch] job {sub.job_id} failed (exit status {status})")
+        return status
     if stopped:
         # No requeue follows (SIGTERM, Ctrl-C): the run is unfinished, whatever the state.
         first = stopped[0]

@@ -31,6 +31,7 @@ from pimc_dist import (
     jobs,
     pretrain,
     quickstart,
+    run_lock,
     shard,
     sweep,
     tracking,
@@ -51,12 +52,19 @@ DEFAULT_KIND = "pretrain"
 FLAG_KEYS = ("nodes", "gpus_per_node", "tasks_per_node", "cpus_per_task", "mem", "time", "cluster")
 # Job kinds that log to W&B.
 TRACKED_KINDS = ("pretrain", "finetune", "sweep")
+# Job kinds whose run folder (train.run_dir) one job at a time may use (pimc_dist.run_lock).
+RUN_FOLDER_KINDS = ("pretrain", "finetune")
 
 
 def precheck(kind: str, cfg: DictConfig) -> None:
     """The config check every job shares (`checks.check_values`), then the job module's own
     `check_config(cfg)`, if it has one, before anything is submitted."""
     checks.check_values(cfg)
+    if kind in RUN_FOLDER_KINDS:
+        try:  # before anything is written into a folder another job is using
+            run_lock.check_free(cfg.train.run_dir)
+        except run_lock.RunFolderLocked as exc:
+            raise LaunchError(f"{kind} job refused, nothing submitted: {exc}") from None
     check = getattr(KINDS[kind], "check_config", None)
     if not callable(check):
         return

@@ -53,7 +53,17 @@ from pimc_dist.shardset import ShardError
 from pimc_dist.tracking import Tracker
 
 # Peak dense bf16 FLOP/s per device, for MFU. Unknown devices report no MFU.
-PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12}
+# Dense bf16 peak per GPU, by a part of torch.cuda.get_device_name: the first key that matches
+# wins, so the PCIe and NVL H100s (lower clocks) come before the SXM part.
+PEAK_BF16_FLOPS = {
+    "H100 PCIe": 756e12,
+    "H100 NVL": 835e12,
+    "H100": 989e12,
+    "H200": 989e12,
+    "A100": 312e12,
+    "L40S": 362e12,
+    "A10": 125e12,
+}
 
 
 # On SIGTERM/SIGUSR1/2 (and Ctrl-C under the launcher) it saves a checkpoint at the next step
@@ -74,6 +84,19 @@ RUN_IDENTITY = (
 
 class TrainingError(RuntimeError):
     """Training cannot go on (non-finite losses, a dead rank, a different run in the folder)."""
+
+
+# Errors whose message says it all, and the exit status they give: 2 for what the user asked
+# (a run folder in use or holding another run, a refused config), 1 for what went wrong on the
+# way (damaged shards, a checkpoint, a training that cannot go on). The command line and a job
+# the launcher runs (pimc_dist.jobs) print the message alone, never a traceback.
+USER_ERRORS: dict[type[Exception], int] = {
+    run_lock.RunFolderError: 2,
+    config_lib.ConfigError: 2,
+    TrainingError: 1,
+    CheckpointError: 1,
+    ShardError: 1,
+}
 
 
 def build_loss(cfg: Any) -> torch.nn.Module:
@@ -312,15 +335,19 @@ def _mean_over_ranks(values: dict[str, float]) -> dict[str, float]:
     """Mean of each value over ranks (local-form losses are per-rank shares)."""
     if not torch.distributed.is_initialized() or not values:
         return values
-    t = torch.tensor(list(values.values()), dtype=torch.float64)
+    # On the device the backend reduces on: an nccl group has no CPU tensors.
+    t = torch.tensor(
+        list(values.values()), dtype=torch.float64, device=distributed.collective_device()
+    )
     torch.distributed.all_reduce(t)
     t /= torch.distributed.get_world_size()
     return dict(zip(values, t.tolist(), strict=True))
 
 
 def _all_finite(loss: torch.Tensor) -> bool:
-    flag = torch.tensor([float(torch.isfinite(loss).all())])
+    flag = torch.isfinite(loss).all().to(torch.float32).reshape(1)
     if torch.distributed.is_initialized():
+        flag = flag.to(distributed.collective_device())
         torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
     return bool(flag.item())
 
@@ -336,11 +363,15 @@ def flops_per_sample(cfg: Any, model: torch.nn.Module | None = None) -> float:
     return 3.0 * augmentations * count_flops(model)
 
 
+def peak_bf16_flops(device_name: str) -> float | None:
+    """Dense bf16 FLOP/s of the GPU named `device_name` (PEAK_BF16_FLOPS), None if unknown."""
+    return next((v for k, v in PEAK_BF16_FLOPS.items() if k in device_name), None)
+
+
 def _peak_flops(device: torch.device) -> float | None:
     if device.type != "cuda":
         return None
-    name = torch.cuda.get_device_name(device)
-    return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
+    return peak_bf16_flops(torch.cuda.get_device_name(device))
 
 
 def main(cfg: Any) -> int:
@@ -374,9 +405,18 @@ def _train(cfg: Any, env: distributed.DistEnv) -> int:
     load_universal = bool(
         state and state["world_size"] != world and any((ckpt_dir / tag).glob("*optim_states.pt"))
     )
+    # A finished run trains nothing more: its config.yaml keeps describing what trained it.
+    finished = bool(state and state["samples_seen"] >= int(cfg.train.total_samples))
     if rank == 0:  # check_config above refused a folder that holds a different run
         run_dir.mkdir(parents=True, exist_ok=True)
-        config_lib.save_run_config(cfg, run_dir)
+        if finished:
+            print(
+                f"{run_dir} finished at step {state['step']} ({state['samples_seen']} samples): "
+                "nothing to train, its config.yaml is kept as it is (a larger "
+                "train.total_samples trains on)"
+            )
+        else:
+            config_lib.save_run_config(cfg, run_dir)
         if load_universal:
             print(
                 f"resuming {tag} saved with {state['world_size']} ranks on {world}: converting to universal"
@@ -661,17 +701,10 @@ def cli(argv: list[str] | None = None) -> int:
     try:
         cfg = config_lib.load(args.config, args.overrides)
         check_config(cfg)  # pimc_dist.checks: values, views, shards; exit 2 naming the key
-    except config_lib.ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    try:
         return main(cfg)
-    except (run_lock.RunFolderError, config_lib.ConfigError) as exc:  # folder in use, or refused
+    except tuple(USER_ERRORS) as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except (TrainingError, CheckpointError, ShardError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+        return next(code for kind, code in USER_ERRORS.items() if isinstance(exc, kind))
 
 
 if __name__ == "__main__":

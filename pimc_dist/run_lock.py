@@ -221,6 +221,27 @@ def acquire(run_dir: str | os.PathLike, what: str = "job") -> RunLock:
     return RunLock(path, fd, me, took_over=previous)
 
 
+def check_free(run_dir: str | os.PathLike) -> None:
+    """Raise RunFolderLocked when a live process holds `run_dir`'s lock: the launcher's check
+    before it submits a job or writes into the folder (the job still takes the lock itself).
+    Silent where the file system has no flock: the job's own `acquire` decides then."""
+    run_dir = Path(run_dir)
+    path = run_dir / LOCK_FILE
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # no lock file: no job has used the folder
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)  # released when fd closes
+    except BlockingIOError:
+        raise _held_by_other(run_dir, path) from None
+    except OSError as exc:
+        if exc.errno not in _NO_FLOCK:
+            raise
+    finally:
+        os.close(fd)
+
+
 def _held_by_other(run_dir: Path, path: Path) -> RunFolderLocked:
     """The refusal for a lock held by a live process; waits a moment for its name."""
     holder = None

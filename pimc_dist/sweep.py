@@ -67,7 +67,7 @@ from pimc_dist.config import quote
 from pimc_dist.eval import finetune, leakage
 from pimc_dist.eval.results import ERROR_FILE, read_result, result_rows, write_tables
 from pimc_dist.files import write_json_atomic
-from pimc_dist.jobs import EntryJob
+from pimc_dist.jobs import EntryJob, Failed
 
 # The checkout holding the package (relative config paths are also tried against it).
 PACKAGE_ROOT = Path(__file__).resolve().parent.parent
@@ -300,17 +300,23 @@ class CellJob:
         (folder / ERROR_FILE).unlink(missing_ok=True)
         with run_slot(Path(self.slots_dir) if self.slots_dir else None, self.slots):
             try:
-                return EntryJob("finetune", self.cfg_yaml, finetune.main, self.requeues)()
+                result = EntryJob("finetune", self.cfg_yaml, finetune.main, self.requeues)()
             except BaseException as exc:
-                record = {
-                    "error": f"{type(exc).__name__}: {exc}",
-                    "traceback": traceback.format_exc(),
-                    "job_id": os.environ.get("SLURM_JOB_ID")
-                    or os.environ.get("SUBMITIT_LOCAL_JOB_ID"),
-                    "time": time.strftime("%Y-%m-%d %H:%M:%S"),
-                }
-                write_json_atomic(folder / ERROR_FILE, record)
+                self._record_error(folder, f"{type(exc).__name__}: {exc}", traceback.format_exc())
                 raise
+            if isinstance(result, Failed):  # an error its message explains: no traceback
+                self._record_error(folder, result.message, None)
+            return result
+
+    @staticmethod
+    def _record_error(folder: Path, error: str, trace: str | None) -> None:
+        record = {
+            "error": error,
+            "traceback": trace,
+            "job_id": os.environ.get("SLURM_JOB_ID") or os.environ.get("SUBMITIT_LOCAL_JOB_ID"),
+            "time": time.strftime("%Y-%m-%d %H:%M:%S"),
+        }
+        write_json_atomic(folder / ERROR_FILE, record)
 
     def checkpoint(self, *args: Any, **kwargs: Any) -> Any:
         if self.requeues >= self.config().launch.max_requeues:

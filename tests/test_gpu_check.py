@@ -22,6 +22,7 @@ NUMBERS = {
     "loss": "rows.0.ms_per_step",
     "recurrence": "paths.numba_all_cores.plots_per_s",
     "loader_to_gpu": "loader_plus_step_samples_per_s",
+    "pretrain": "last_loss",
 }
 
 
@@ -56,7 +57,9 @@ def test_cpu_smoke_run_writes_every_section_with_numbers(tmp_path):
     env = sections["environment"]["result"]
     assert env["machine"]["model"] and "vector_extensions" in env["machine"]
     rows = sections["train_step"]["result"]["rows"]
-    assert {r["path"][:3] for r in rows} == {"ds ", "ddp"} and {r["stage"] for r in rows} == {1, 2}
+    # DeepSpeed at each stage, DDP once per workload (stage None), each DeepSpeed row its ratio.
+    assert {(r["path"][:3], r["stage"]) for r in rows} == {("ds ", 1), ("ds ", 2), ("ddp", None)}
+    assert all(r["ratio_to_ddp"] > 0 for r in rows if r["stage"] is not None)
     # Three files: what a device session brings back (at most 8 files).
     assert sorted(p.name for p in tmp_path.iterdir()) == [
         "gpu_check.json",

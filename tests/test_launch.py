@@ -7,6 +7,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -528,6 +529,82 @@ def test_resubmitting_a_different_run_into_a_run_folder_is_refused(tmp_path, tin
     assert saved.read_text() == before and not (run_dir / "slurm").exists()
     # The same run with another learning rate may resume there.
     assert launch.main([*common, "--dry-run", "train.lr=1e-4"]) == 0
+
+
+def test_a_run_folder_in_use_is_refused_before_anything_is_written_into_it(
+    tmp_path, tiny_shards, capsys
+):
+    run_dir = tmp_path / "run"
+    holder = subprocess.Popen(  # another job's rank 0: holds the folder's lock
+        [sys.executable, "-c", "import sys, time; from pimc_dist import run_lock; "
+         "lock = run_lock.acquire(sys.argv[1], 'pretraining'); print('held', flush=True); "
+         "time.sleep(60)", str(run_dir)],
+        cwd=REPO, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        before = sorted(p.name for p in run_dir.iterdir())
+        code = launch.main(
+            ["--cluster", "local", "--config", str(TINY), f"train.run_dir={run_dir}"]
+            + [f"loader.shards={tiny_shards}"]
+        )
+        err = capsys.readouterr().err
+        assert code == 2, err
+        assert "pretrain job refused, nothing submitted" in err and "is in use by" in err, err
+        assert f"pid {holder.pid}" in err and "Traceback" not in err
+        assert sorted(p.name for p in run_dir.iterdir()) == before  # no config.yaml, no slurm/
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+# An error class the job below raises, listed as its module's USER_ERRORS (as pretrain.py
+# and eval/finetune.py list theirs): its message says it all.
+class RefusedByTheJob(ValueError):
+    pass
+
+
+USER_ERRORS = {RefusedByTheJob: 2}
+
+
+def refusing_main(cfg) -> int:
+    raise RefusedByTheJob(f"{cfg.train.run_dir}: not for this job")
+
+
+def unexpected_main(cfg) -> int:
+    raise KeyError("a bug")
+
+
+def test_a_job_error_its_module_lists_is_a_result_with_its_message_not_a_traceback(
+    tmp_path, capsys
+):
+    cfg = jobs.load_job_config(str(TINY), [f"train.run_dir={tmp_path}"])
+    result = EntryJob("pretrain", config.to_yaml(cfg), refusing_main)()
+    assert result == jobs.Failed(0, f"{tmp_path}: not for this job", 2)
+    assert capsys.readouterr().err.strip() == f"error: {tmp_path}: not for this job"
+    with pytest.raises(KeyError):  # anything else stays a traceback for submitit to keep
+        EntryJob("pretrain", config.to_yaml(cfg), unexpected_main)()
+
+
+def test_a_launched_finetune_with_a_checkpoint_that_does_not_fit_fails_with_one_message(
+    tmp_path, tiny_shards, capsys
+):
+    import torch
+    from safetensors.torch import save_file
+
+    ckpt = tmp_path / "ckpt"  # a run folder whose encoders file holds no encoder
+    config.save_run_config(config.load(TINY, [f"loader.shards={tiny_shards}"]), ckpt)
+    save_file({"foo.weight": torch.zeros(2)}, str(ckpt / "encoders.safetensors"))
+    code = launch.main(
+        ["finetune", "--cluster", "local", "--wait", "--tasks-per-node", "1"]
+        + ["--config", str(REPO / "configs/finetune/pixel_cls.yaml")]
+        + [f"loader.shards={tiny_shards}", f"finetune.ckpt={ckpt}"]
+        + ["finetune.allow_pretrain_overlap=true", f"train.run_dir={tmp_path / 'ft'}"]
+    )
+    out, err = capsys.readouterr()
+    assert code == 2, out + err
+    assert "has no 'rp.encoder.' keys for view 'rp'" in out + err
+    assert "Traceback" not in out + err and "exit status 2" in out
 
 
 def test_cluster_auto_without_slurm_runs_the_job_locally(tmp_path, monkeypatch, capsys):

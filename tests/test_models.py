@@ -658,7 +658,7 @@ def test_bare_file_refuses_a_view_and_empty_file_is_refused(tmp_path):
     encoder = _fresh("rsi")
     bare = save_encoder_weights(encoder.state_dict(), tmp_path / "bare.safetensors")
     with pytest.raises(
-        WeightsError, match="bare.safetensors: holds one bare encoder, no view 'rp'"
+        WeightsError, match="bare.safetensors: has no 'rp.encoder.' keys for view 'rp'"
     ):
         load_encoder_weights(encoder, bare, view="rp")
     empty = save_encoder_weights({}, tmp_path / "empty.safetensors")

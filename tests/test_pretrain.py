@@ -202,6 +202,14 @@ def test_loss_falls_and_outputs_are_written(tmp_path, shards):
 
     model = pretrain.build_model(load(TINY))
     load_encoder_weights(model.encoder("rp"), run / "encoders.safetensors", view="rp")
+    # Run again with another learning rate: nothing to train, and the folder's record of
+    # what trained it stays as it was.
+    saved = (run / "config.yaml").read_text()
+    again = run_ranks(run, shards, 2, ["train.total_samples=3072", "train.lr=1e-5"])
+    assert_ok(again)
+    assert "finished at step 48 (3072 samples): nothing to train" in again[0][1]
+    assert (run / "config.yaml").read_text() == saved
+    assert not list(run.glob("config.*.yaml"))
 
 
 @pytest.mark.parametrize("stage", [2, 3])
@@ -449,6 +457,30 @@ def test_non_finite_loss_stops_with_a_clear_message(tmp_path, shards):
     code, out = results[0]
     assert code == 1, out[-3000:]
     assert "not finite for 3 steps in a row" in out
+
+
+def test_the_loops_own_collectives_use_the_backends_device(monkeypatch):
+    """An nccl group reduces only CUDA tensors: the loss-finiteness flag and the metric means
+    go where `distributed.collective_device()` says (the CPU under gloo, as here)."""
+    from pimc_dist import distributed
+
+    class Reduced(Exception):
+        pass
+
+    devices = []
+
+    def all_reduce(tensor, op=None):
+        devices.append(tensor.device)
+        raise Reduced
+
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "all_reduce", all_reduce)
+    monkeypatch.setattr(distributed, "collective_device", lambda: torch.device("meta"))
+    with pytest.raises(Reduced):
+        pretrain._all_finite(torch.tensor(1.0))
+    with pytest.raises(Reduced):
+        pretrain._mean_over_ranks({"loss": 1.0})
+    assert devices == [torch.device("meta")] * 2
 
 
 def test_flops_per_sample_is_three_forwards_of_the_built_model():

@@ -94,6 +94,16 @@ def test_the_lock_is_released_on_leaving_a_with_block_by_an_exception(tmp_path):
         assert lock.held and lock.took_over is None
 
 
+def test_check_free_refuses_a_held_folder_and_passes_a_free_or_released_one(tmp_path):
+    run_lock.check_free(tmp_path / "never_used")  # no lock file
+    lock = run_lock.acquire(tmp_path, "pretraining")
+    with pytest.raises(run_lock.RunFolderLocked, match=f"is in use by .*pid {os.getpid()}"):
+        run_lock.check_free(tmp_path)
+    lock.release()
+    run_lock.check_free(tmp_path)
+    run_lock.acquire(tmp_path, "pretraining").release()  # the check took nothing
+
+
 def test_a_lock_file_left_by_a_dead_process_is_taken_over(tmp_path):
     """What a requeued job finds when its previous run was killed without releasing."""
     gone = dead_pid()

@@ -104,6 +104,8 @@ from pimc_dist.eval.tasks import (
     label_subset,
 )
 from pimc_dist.files import write_json_atomic
+from pimc_dist.models.weights import WeightsError
+from pimc_dist.shardset import ShardError
 
 RESULT_FILE = "result.json"
 
@@ -614,14 +616,27 @@ def parse_args(argv: list[str] | None = None) -> Any:
     ).parse_intermixed_args(argv)
 
 
+# Errors whose message says it all, and their exit status (2: what the user asked, e.g. a
+# checkpoint that does not fit; 1: what failed on the way). The command line and a job the
+# launcher runs (pimc_dist.jobs) print the message alone, never a traceback.
+USER_ERRORS: dict[type[Exception], int] = {
+    config_lib.ConfigError: 2,
+    run_lock.RunFolderError: 2,
+    WeightsError: 2,
+    TaskError: 1,
+    FinetuneError: 1,
+    ShardError: 1,
+}
+
+
 def cli(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         cfg = config_lib.load(args.config, cli_overrides(args.overrides))
         return main(cfg)
-    except (config_lib.ConfigError, run_lock.RunFolderError, TaskError, FinetuneError) as exc:
+    except tuple(USER_ERRORS) as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 2 if isinstance(exc, (config_lib.ConfigError, run_lock.RunFolderError)) else 1
+        return next(code for kind, code in USER_ERRORS.items() if isinstance(exc, kind))
 
 
 if __name__ == "__main__":

@@ -147,7 +147,11 @@ def _select_view(
     prefixed = [k for k, m in matches.items() if m]
     if not prefixed:
         if view is not None:
-            raise WeightsError(path, f"holds one bare encoder, no view {view!r}")
+            raise WeightsError(
+                path,
+                f"has no '{view}.encoder.' keys for view {view!r}: its keys are bare "
+                f"({_listed(sorted(tensors))}), as in a single encoder's state dict",
+            )
         return tensors
     if len(prefixed) != len(tensors):
         bare = sorted(k for k, m in matches.items() if not m)
