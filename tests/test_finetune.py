@@ -285,6 +285,16 @@ def test_pretrained_weights_are_loaded_and_random_init_differs(pimc_run, pastis,
     assert not torch.equal(random_encoder.state_dict()[weight], encoder.state_dict()[weight])
 
 
+def test_plots_of_another_size_than_pretraining_get_a_warning(pimc_run, pastis, tmp_path, capsys):
+    cfg = ft_config("pastis_pixel_cls", tmp_path / "r", pastis, f"finetune.ckpt={pimc_run}")
+    source = downstream.resolve_encoder_source(cfg)
+    downstream.build_view_encoder(source, "rp", 3, 42, 42)
+    assert "warning" not in capsys.readouterr().err
+    downstream.build_view_encoder(source, "rp", 3, 37, 37)  # another grid length
+    err = capsys.readouterr().err
+    assert "recurrence plots are 37 x 37, the 'rp' encoder was pretrained on 42 x 42" in err
+
+
 def test_forecast_linear_probe_reports_rmse_per_index_and_baselines(pastis, pimc_run, tmp_path):
     run = tmp_path / "run"
     cfg = ft_config("pastis_forecast", run, pastis, f"finetune.ckpt={pimc_run}")

@@ -8,6 +8,7 @@ config.yaml, else the fine-tuning config's `model.views`, defines them).
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -113,6 +114,15 @@ def build_view_encoder(
         raise TaskError(
             f"the data has {in_chans} channels for this input, the '{owner}' encoder takes "
             f"{want_chans}: pick bands with finetune.input_bands"
+        )
+    if view == "rp" and (height, width) != (img_size, img_size):
+        # Another plot size is another time grid: the encoder never saw such plots.
+        print(
+            f"warning: the shards' recurrence plots are {height} x {width}, the '{owner}' "
+            f"encoder was pretrained on {img_size} x {img_size} plots: shard the evaluation "
+            "data with the pretraining's grid (data.grid_length, data.rp_size), or its scores "
+            "say little about the pretraining",
+            file=sys.stderr,
         )
     own = is_own_encoder(name)
     if own and name.startswith("vit"):
