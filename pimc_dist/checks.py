@@ -1,10 +1,11 @@
 """The config check every entry point runs before any work, and `launch` before submitting.
 
-`check_job(cfg, kind)` checks, in order, what a job would otherwise find out only
+Each job's `check_config` checks, in order, what a job would otherwise find out only
 at its first step (on a cluster: after the queue wait, as a traceback):
 
-- value ranges (`check_values`): batch size and step counts >= 1, lr > 0,
-  fractions in [0, 1], choices among their allowed words;
+- value ranges (`check_values`, every job): batch size and step counts >= 1, lr > 0,
+  fractions in [0, 1], choices among their allowed words, the `augment.<view>` ranges,
+  and that `deepspeed.config_file` reads as the engine reads it (a JSON object);
 - for pretraining, the config against the shard set it reads (`check_shards`):
   the manifest parses (a `shardset.read_manifest` error names the file), it was
   made for the config's method, it holds the views the loader reads, and its
@@ -24,6 +25,7 @@ from typing import Any
 from safetensors import safe_open
 
 from pimc_dist.config import ConfigError
+from pimc_dist.engine import CheckpointError, deepspeed_config
 from pimc_dist.shardset import ShardError, read_manifest
 
 # key -> (low, high, low_inclusive); None = unbounded.
@@ -102,6 +104,52 @@ def check_values(cfg: Any) -> None:
     betas = list(_get(cfg, "train.betas") or [])
     if len(betas) != 2 or not all(0.0 <= float(b) < 1.0 for b in betas):
         raise ConfigError(f"invalid key 'train.betas': {betas} is not two values in [0, 1)")
+    for view, section in (_get(cfg, "augment") or {}).items():
+        check_augment(section, f"augment.{view}")
+    if _get(cfg, "deepspeed.config_file"):
+        check_deepspeed_file(cfg)
+
+
+def check_augment(section: Any, prefix: str) -> None:
+    """One view's `augment.<view>` section (config.ViewAugmentConfig) against the ranges
+    pimc_dist.augment accepts, which it would otherwise refuse only at the first step."""
+
+    def bad(key: str, value: Any, why: str) -> ConfigError:
+        return ConfigError(f"invalid key '{prefix}.{key}': {value}: {why}")
+
+    scale = [float(v) for v in section["crop_scale"]]
+    if len(scale) != 2 or not 0.0 < scale[0] <= scale[1] <= 1.0:
+        raise bad("crop_scale", scale, "need [min, max] area fractions, 0 < min <= max <= 1")
+    ratio = [float(v) for v in section["crop_ratio"]]
+    if len(ratio) != 2 or not 0.0 < ratio[0] <= ratio[1]:
+        raise bad("crop_ratio", ratio, "need [min, max] aspect ratios, 0 < min <= max")
+    for key in ("brightness", "contrast", "noise_db"):
+        value = float(section[key])
+        if value < 0:
+            raise bad(key, f"{value:g}", "must be >= 0")
+
+
+def check_deepspeed_file(cfg: Any) -> None:
+    """`deepspeed.config_file` reads as the engine reads it (`engine.deepspeed_config`): a
+    JSON object. Otherwise every rank would fail with a traceback after building the model."""
+    path = Path(cfg.deepspeed.config_file)
+    if path.is_dir():
+        raise ConfigError(
+            f"invalid key 'deepspeed.config_file': {path}: is a folder, not a JSON file"
+        )
+    try:
+        deepspeed_config(cfg, world_size=1)
+    except UnicodeDecodeError as exc:  # a ValueError too: before the engine's own messages
+        raise ConfigError(
+            f"invalid key 'deepspeed.config_file': {path}: not UTF-8 text (byte {exc.start})"
+        ) from None
+    except (CheckpointError, ValueError) as exc:  # the engine's messages start with the path
+        message = " ".join(str(exc).split())
+        raise ConfigError(f"invalid key 'deepspeed.config_file': {message}") from None
+    except OSError as exc:
+        raise ConfigError(
+            f"invalid key 'deepspeed.config_file': {path}: cannot read: {exc.strerror or exc}"
+        ) from None
 
 
 def read_shard_manifest(folder: str | Path, key: str) -> Any:
@@ -206,6 +254,8 @@ def check_pretrain(cfg: Any) -> None:
 
 __all__ = [
     "METHOD_VIEWS",
+    "check_augment",
+    "check_deepspeed_file",
     "check_no_data_config",
     "check_pretrain",
     "check_shards",

@@ -375,6 +375,74 @@ def _error(exc: OmegaConfBaseException, origin: str) -> ConfigError:
     return ConfigError(f"{origin}: invalid key '{key}': {msg}")
 
 
+def _duplicate_key(node: yaml.Node, prefix: str = "", seen: set[int] | None = None) -> str | None:
+    """'<dotted key>' (lines a and b) of the first mapping key written twice under `node`.
+
+    YAML loaders keep the last of two equal keys without a word, so a second `train:`
+    block would silently drop the first's settings. `<<` merge keys may be overridden."""
+    seen = set() if seen is None else seen
+    if id(node) in seen:  # an alias of a node already walked
+        return None
+    seen.add(id(node))
+    if isinstance(node, yaml.MappingNode):
+        lines: dict[str, int] = {}
+        for key_node, value in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge" or not isinstance(
+                key_node, yaml.ScalarNode
+            ):
+                continue
+            key = str(key_node.value)
+            line = key_node.start_mark.line + 1
+            if key in lines:
+                return f"'{prefix}{key}' (lines {lines[key]} and {line})"
+            lines[key] = line
+            found = _duplicate_key(value, f"{prefix}{key}.", seen)
+            if found:
+                return found
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            found = _duplicate_key(item, f"{prefix}{i}.", seen)
+            if found:
+                return found
+    return None
+
+
+def _parse_yaml(text: str, origin: str) -> Any:
+    """The YAML document in `text` (None if empty); ConfigError naming `origin` if it is not
+    valid YAML or writes a key twice."""
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        duplicate = _duplicate_key(node) if node is not None else None
+        if duplicate:
+            raise ConfigError(
+                f"{origin}: key {duplicate} is written twice; YAML would keep only the "
+                "last: write it once"
+            )
+        return loader.construct_document(node) if node is not None else None
+    except yaml.YAMLError as exc:
+        problem = getattr(exc, "problem", None) or str(exc)
+        mark = getattr(exc, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        raise ConfigError(
+            f"{origin}: not valid YAML: {' '.join(str(problem).split())}{where}"
+        ) from None
+    finally:
+        loader.dispose()
+
+
+def _read_text(path: Path) -> str:
+    """The text of the config file at `path`; ConfigError naming it if it is not UTF-8 text."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            f"{path}: not UTF-8 text (byte {exc.start}: {exc.reason}); is it a YAML config?"
+        ) from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror or exc}") from None
+
+
 def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> list[tuple[Path, dict[str, Any]]]:
     """The YAML at `path` preceded by its `base:` files, each with its own path."""
     path = path.resolve()
@@ -382,10 +450,7 @@ def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> list[tuple[Path, dict
         raise ConfigError(f"{path}: 'base' includes form a cycle")
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    data = _parse_yaml(_read_text(path), str(path))
     if data is None:
         data = {}
     if not isinstance(data, dict):
@@ -393,6 +458,11 @@ def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> list[tuple[Path, dict
     bases = data.pop("base", None) or []
     if isinstance(bases, str):
         bases = [bases]
+    if not isinstance(bases, list) or not all(isinstance(b, str) and b for b in bases):
+        raise ConfigError(
+            f"{path}: invalid key 'base': {bases!r} is not a path or a list of paths "
+            "(relative to this file)"
+        )
     layers: list[tuple[Path, dict[str, Any]]] = []
     for base in bases:
         layers += _read_yaml(path.parent / base, seen + (path,))
@@ -478,10 +548,7 @@ def save_run_config(cfg: DictConfig, run_dir: str | os.PathLike) -> Path:
 
 def from_yaml_text(text: str, origin: str) -> DictConfig:
     """Validate a resolved config saved earlier (e.g. inside a checkpoint) against the schema."""
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{origin}: not valid YAML: {exc}") from exc
+    data = _parse_yaml(text, origin)
     if not isinstance(data, dict):
         raise ConfigError(f"{origin}: top level must be a mapping")
     try:
@@ -521,7 +588,7 @@ def check_run_folder(
     saved = run_dir / CONFIG_FILE
     if not saved.is_file():
         return
-    old = from_yaml_text(saved.read_text(), str(saved))
+    old = from_yaml_text(_read_text(saved), str(saved))
     if kind == "sweep" and not old.sweep.grid.task:
         raise ConfigError(
             f"invalid key 'train.run_dir': {run_dir} holds a run that is not a sweep (its "

@@ -380,7 +380,12 @@ def regular_grid(
     if length is None:
         last = _day_numbers([end])[0] if end is not None else days.max()
         if last < first:
-            raise ValueError(f"grid end {end} is before its start {start}")
+            first_day, last_day = (
+                dt.date(1970, 1, 1) + dt.timedelta(days=int(d)) for d in (first, last)
+            )
+            if end is None:
+                raise ValueError(f"grid start {first_day} is after the last date {last_day}")
+            raise ValueError(f"grid end {last_day} is before its start {first_day}")
         length = int((last - first) // step_days) + 1
     if length <= 0:
         raise ValueError(f"grid length must be positive, got {length}")

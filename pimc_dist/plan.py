@@ -15,8 +15,8 @@ import json
 import sys
 from pathlib import Path
 
+from pimc_dist import checks, planning
 from pimc_dist import config as config_lib
-from pimc_dist import planning
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -42,18 +42,41 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def argument_problem(args: argparse.Namespace) -> str | None:
+    """'--flag: value: why' for the first argument the cost model cannot use, else None."""
+    for n in args.gpus:
+        if n < 1:
+            return f"--gpus: {n}: need GPU counts >= 1"
+    if not 0.0 < args.mfu <= 1.0:
+        return f"--mfu: {args.mfu:g}: need a fraction in (0, 1]"
+    if args.inter_node_gbps is not None and not args.inter_node_gbps > 0:
+        return f"--inter-node-gbps: {args.inter_node_gbps:g}: need a bandwidth > 0"
+    if args.batch is not None and args.batch < 1:
+        return f"--batch: {args.batch}: need a batch >= 1"
+    if args.json is not None and args.json.is_dir():
+        return f"--json: {args.json}: is a folder; give a file name"
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    problem = argument_problem(args)
+    if problem:  # before the config and the measurement: both take seconds
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
     overrides = list(args.overrides)
     if not any(o.startswith("data.root=") for o in overrides):
         overrides.append("data.root=unused")  # required by data configs; nothing is read
     try:
         cfg = config_lib.load(args.config, overrides)
-    except config_lib.ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        # What pretraining checks before work, less its shard set and run folder (not read).
+        checks.check_values(cfg)
+        checks.check_no_data_config(cfg, "pretraining")
+        print(f"measuring activations of {cfg.name} on the CPU ...", flush=True)
+        measured = planning.measure(cfg)  # builds the model: a bad encoder fails here
+    except (config_lib.ConfigError, ValueError) as exc:
+        print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)
         return 2
-    print(f"measuring activations of {cfg.name} on the CPU ...", flush=True)
-    measured = planning.measure(cfg)
     plans = []
     for n in args.gpus:
         plan = planning.plan_job(
@@ -69,8 +92,12 @@ def main(argv: list[str] | None = None) -> int:
         print()
         print(planning.format_plan(plan))
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps([p.to_dict() for p in plans], indent=2))
+        try:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps([p.to_dict() for p in plans], indent=2))
+        except OSError as exc:
+            print(f"error: --json: {args.json}: {exc.strerror or exc}", file=sys.stderr)
+            return 2
         print(f"\nwrote {args.json}")
     return 0
 

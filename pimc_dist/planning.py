@@ -268,9 +268,15 @@ def plan_job(
     if gpu not in GPUS:
         raise ValueError(f"unknown GPU {gpu!r}; known: {', '.join(GPUS)}")
     spec = GPUS[gpu]
-    inter = float(inter_node_gbits_s or spec.inter_node_gbits_s)
+    inter = float(spec.inter_node_gbits_s if inter_node_gbits_s is None else inter_node_gbits_s)
+    b = int(cfg.train.batch_size if batch_per_gpu is None else batch_per_gpu)
+    # Zero or negative inputs would divide by zero or print negative times and costs.
+    if gpus < 1 or b < 1 or not 0.0 < mfu <= 1.0 or not inter > 0:
+        raise ValueError(
+            f"plan_job: need gpus >= 1, batch >= 1, 0 < mfu <= 1 and a bandwidth > 0; got "
+            f"gpus={gpus}, batch={b}, mfu={mfu:g}, inter_node_gbits_s={inter:g}"
+        )
     measured = measured if measured is not None else measure(cfg)
-    b = int(batch_per_gpu or cfg.train.batch_size)
     stage, bf16 = int(cfg.deepspeed.zero_stage), bool(cfg.deepspeed.bf16)
     params = int(measured["params"])
     flops = float(pretrain.flops_per_sample(cfg))

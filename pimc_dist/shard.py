@@ -67,6 +67,7 @@ from pimc_dist.shard_plan import (
     ShardPlan,
     build_samples,
     check_data,
+    check_grid,
     content_config,
     load_or_create_plan,
     patch_ids,
@@ -410,11 +411,14 @@ def run(cfg: Any, *, retry_skipped: bool = False, plan_only: bool = False) -> Ru
     t_start = time.perf_counter()
     check_data(cfg.data)
     source = open_source(cfg.data)
+    check_grid(cfg.data, source)
     if source.same_day_merged:
         print(
             f"{source.name}: {source.same_day_merged} same-day acquisitions merged into another "
             "of their day (per pixel, the mean of that day's valid observations)"
         )
+    for note in getattr(source.reader, "notes", ()):  # silent oddities of a point table
+        print(f"warning: {source.name}: {note}")
     for why in getattr(source.reader, "unreadable", ()):
         print(f"{PATCH_SKIP} (unreadable input, listed in {REPORT_NAME}): {why}")
     out = Path(cfg.data.shard_dir)
@@ -511,6 +515,9 @@ def main(cfg: Any, *, retry_skipped: bool = False, plan_only: bool = False) -> i
     """Shard with a loaded config (also the entry `pimc_dist.launch` calls); an exit status."""
     try:
         run(cfg, retry_skipped=retry_skipped, plan_only=plan_only)
+    except config_lib.ConfigError as exc:  # a config mistake found once the data is open
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     except (ShardError, ValueError) as exc:  # SourceError and ConfigError are ValueErrors
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -25,13 +25,15 @@ from pimc_dist import config as config_lib
 from pimc_dist import samples as samples_lib
 from pimc_dist.samples import PixelSampling, check_crop_source
 from pimc_dist.shardset import ShardError, encode_member
-from pimc_dist.sources import SOURCES, SourceError
+from pimc_dist.sources import SOURCES, SourceError, geotiff_stack, reben
+from pimc_dist.sources.base import split_fractions
 
 PLAN_NAME = "plan.json"
 PLAN_SCHEMA = 2  # 2: the data.* reader options (with_s1, eurosat_bands, ...) in the config
 # data.* fields that say how or where a run works, not what the shards hold: they may
 # differ between reruns and array tasks, and are left out of the plan and the manifest.
 RUN_ONLY_FIELDS = ("shard_dir", "workers", "shard_start", "shard_count", "max_skipped_fraction")
+HASH_SPLIT_SOURCES = ("geotiff_stack", "point_series")  # their splits: data.hash_split's names
 PROBE_PATCHES = 8  # patches tried when measuring the sample size for the plan
 BYTES_MARGIN = 1.25  # samples vary in size (PNG, JSON); keep shards under the byte limit
 
@@ -90,6 +92,63 @@ def check_data(data: Any) -> None:
             dt.date.fromisoformat(data.grid_start)
         except ValueError:
             _fail("grid_start", f"must be an ISO date (YYYY-MM-DD), got {data.grid_start!r}")
+    _check_splits(data)
+    if data.source == "geotiff_stack":
+        _check_geotiff(data)
+
+
+def _check_splits(data: Any) -> None:
+    """data.hash_split's fractions, and data.split one of the splits the source knows."""
+    try:
+        fractions = split_fractions(dict(data.hash_split) or None)
+    except ValueError as exc:  # its message names data.hash_split
+        raise config_lib.ConfigError(str(exc)) from None
+    if data.split is None:
+        return
+    if data.source in HASH_SPLIT_SOURCES:
+        allowed = list(fractions)
+    elif data.source == "reben":
+        allowed = list(reben.SPLIT_ALIASES)
+    else:
+        allowed = ["train", "val", "test"]
+    if data.split not in allowed:
+        _fail("split", f"{data.split!r} is not one of {', '.join(allowed)}")
+
+
+def _check_geotiff(data: Any) -> None:
+    """The GeoTIFF stack keys a reader would otherwise reject without naming them."""
+    if data.band_order not in geotiff_stack.ORDERS:
+        _fail(
+            "band_order",
+            f"must be one of {', '.join(geotiff_stack.ORDERS)}, got {data.band_order!r}",
+        )
+    if not data.dates:
+        _fail("dates", "required for source 'geotiff_stack': the date of each acquisition")
+    for value in data.dates:
+        try:
+            geotiff_stack.parse_date(value)
+        except (TypeError, ValueError) as exc:
+            _fail("dates", f"{value!r} is not a date (YYYY-MM-DD or YYYYMMDD): {exc}")
+
+
+def check_grid(data: Any, source: Any) -> None:
+    """data.grid_start against the dataset's dates, where the reader knows them up front: a
+    grid entirely after (or, with data.grid_length, before) them makes no series."""
+    if data.grid_start is None or source.date_range is None:
+        return
+    start = dt.date.fromisoformat(data.grid_start)
+    first, last = source.date_range
+    span = f"the data's dates run {first} .. {last}"
+    if start > last:
+        _fail("grid_start", f"{start} is after every date: {span}")
+    if data.grid_length is not None:
+        end = start + dt.timedelta(days=data.grid_step_days * (data.grid_length - 1))
+        if end < first:
+            _fail(
+                "grid_start",
+                f"the grid {start} .. {end} (data.grid_length={data.grid_length} steps of "
+                f"data.grid_step_days={data.grid_step_days}) ends before every date: {span}",
+            )
 
 
 def content_config(data: Any) -> dict[str, Any]:

@@ -2,7 +2,7 @@
 
     python -m pimc_dist.viz samples shards/demo --out samples.png
     python -m pimc_dist.viz curves runs/tiny --out curves.png
-    python -m pimc_dist.viz sweep runs/sweep/results.csv --out sweep.png
+    python -m pimc_dist.viz sweep runs/sweep --out sweep.png    # or runs/sweep/results.csv
 
 Each command writes a PNG and prints its path. `samples` draws, per sample,
 the NDVI, EVI and SAVI recurrence plots, the crop as RGB (B04, B03, B02) and
@@ -69,6 +69,7 @@ def read_samples(shard_dir: str | Path, n: int) -> tuple[list[dict[str, Any]], l
 def plot_samples(shard_dir: str | Path, out: str | Path, n: int = 8) -> Path:
     """A grid: one row per sample, columns = plot channels, crop / image, label."""
     plt = _pyplot()
+    out = _out_path(out, "samples.png")
     samples, classes = read_samples(shard_dir, n)
     if not samples:
         raise ValueError(f"{shard_dir}: the shard set holds no samples")
@@ -120,8 +121,16 @@ def plot_curves(
     """Training curves against step from metrics.jsonl (or from `rows` like its lines): loss
     (and its terms), learning rate, samples/s and validation scores, whichever were logged."""
     plt = _pyplot()
+    out = _out_path(out, "curves.png")
     if rows is None:
-        rows = read_metrics(Path(run_dir) / "metrics.jsonl")
+        metrics = Path(run_dir) / "metrics.jsonl"
+        if not Path(run_dir).is_dir():
+            raise ValueError(f"{run_dir}: no such run folder")
+        if not metrics.is_file():
+            raise ValueError(
+                f"{run_dir}: no metrics.jsonl in this run folder (is it a run folder?)"
+            )
+        rows = read_metrics(metrics)
     rows = [r for r in rows if any(_is_loss(k) for k in r)]
     if not rows:
         raise ValueError(f"{run_dir}/metrics.jsonl: no training rows to plot")
@@ -183,9 +192,21 @@ def sweep_groups(
 
 
 def plot_sweep(results_csv: str | Path, out: str | Path, metric: str | None = None) -> Path:
-    """Bar chart of a sweep's results.csv: one panel per task, one bar per setting (every grid
-    axis but the seed), the mean test metric over seeds with their std."""
+    """Bar chart of a sweep's results.csv (`results_csv` may be the sweep's folder): one panel
+    per task, one bar per setting (every grid axis but the seed), the mean test metric over
+    seeds with their std."""
     plt = _pyplot()
+    results_csv = Path(results_csv)
+    if results_csv.is_dir():  # the sweep's folder: its results.csv (what sweep.py writes)
+        if not (results_csv / "results.csv").is_file():
+            raise ValueError(
+                f"{results_csv}: no results.csv in this folder; pass a sweep's folder or its "
+                "results.csv (written when the sweep aggregates)"
+            )
+        results_csv = results_csv / "results.csv"
+    elif not results_csv.is_file():
+        raise ValueError(f"{results_csv}: no such file; pass a sweep's folder or its results.csv")
+    out = _out_path(out, "sweep.png")
     with open(results_csv, newline="") as f:
         rows = list(csv.DictReader(f))
     if not rows:
@@ -230,6 +251,17 @@ def _is_number(text: str) -> bool:
     return True
 
 
+def _out_path(out: str | Path, name: str) -> Path:
+    """Where a picture goes: `out`, `out/name` for a folder, `out` + ".png" without a suffix
+    (what matplotlib would write anyway; the path printed must be the file written)."""
+    out = Path(out)
+    if out.is_dir():
+        return out / name
+    if not out.suffix:
+        return out.with_name(out.name + ".png")
+    return out
+
+
 def _save(fig: Any, out: str | Path) -> Path:
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -255,7 +287,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("run_dir")
     p.add_argument("--out", default=None, help="default <run_dir>/curves.png")
     p = sub.add_parser("sweep", help="bar chart of a sweep's results.csv")
-    p.add_argument("results_csv")
+    p.add_argument("results_csv", help="a sweep's results.csv, or the sweep's folder")
     p.add_argument("--metric", default=None, help="default: each task's primary test metric")
     p.add_argument("--out", default="sweep.png")
     args = parser.parse_args(argv)

@@ -239,3 +239,50 @@ def test_a_different_run_in_the_folder_names_only_the_keys_that_differ(tmp_path)
 def test_unparseable_overrides_are_config_errors_naming_the_key(override, key):
     with pytest.raises(config.ConfigError, match=key):
         config.load(REPO / "configs" / "pretrain" / "tiny.yaml", [override])
+
+
+@pytest.mark.parametrize(
+    "text, key, lines",
+    [
+        ("train: {lr: 0.5}\nloader: {workers: 1}\ntrain: {batch_size: 8}\n", "'train'", "1 and 3"),
+        ("train:\n  lr: 0.5\n  batch_size: 8\n  lr: 0.1\n", "'train.lr'", "2 and 4"),
+    ],
+    ids=["top_level", "nested"],
+)
+def test_a_key_written_twice_is_refused_naming_it_and_both_lines(tmp_path, text, key, lines):
+    path = write(tmp_path / "job.yaml", text)
+    with pytest.raises(config.ConfigError) as err:
+        config.load(path)
+    message = str(err.value)
+    assert str(path) in message and key in message and f"lines {lines}" in message
+    with pytest.raises(config.ConfigError, match=key):  # a run's saved config.yaml too
+        config.from_yaml_text(text, "config.yaml")
+
+
+def test_yaml_merge_keys_may_still_be_overridden(tmp_path):
+    # `<<` brings in keys that the mapping itself may then set: that is no duplicate.
+    path = write(tmp_path / "job.yaml", "train:\n  <<: {lr: 0.5, batch_size: 8}\n  lr: 0.1\n")
+    cfg = config.load(path)
+    assert (cfg.train.lr, cfg.train.batch_size) == (pytest.approx(0.1), 8)
+
+
+@pytest.mark.parametrize("base", ["3", "[null]", "[base.yaml, 4]", "{a: b}"])
+def test_a_base_that_is_not_a_path_or_list_of_paths_names_the_file(tmp_path, base):
+    write(tmp_path / "base.yaml", "name: x\n")
+    path = write(tmp_path / "job.yaml", f"base: {base}\n")
+    with pytest.raises(config.ConfigError) as err:
+        config.load(path)
+    assert str(path) in str(err.value) and "'base'" in str(err.value)
+
+
+def test_a_config_that_is_not_utf8_text_names_the_file(tmp_path):
+    path = tmp_path / "job.yaml"
+    path.write_bytes(b"\xff\xfe\x00train: {lr: 1}\n")
+    with pytest.raises(config.ConfigError, match="UTF-8") as err:
+        config.load(path)
+    assert str(path) in str(err.value)
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / config.CONFIG_FILE).write_bytes(b"\xff\xfe\x00")
+    with pytest.raises(config.ConfigError, match="UTF-8"):  # a run folder's saved config
+        config.check_run_folder(config.load(None), run, ("model",))

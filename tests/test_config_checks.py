@@ -17,7 +17,7 @@ from launch_helpers import TINY, build_tiny_shards
 from safetensors.torch import save_file
 from submitit.core.utils import FailedJobError
 
-from pimc_dist import jobs, launch
+from pimc_dist import checks, config, jobs, launch
 
 MOSAIC = REPO / "configs" / "pretrain" / "mosaic.yaml"
 DATA_DEMO = REPO / "configs" / "data" / "demo.yaml"
@@ -156,3 +156,64 @@ def test_sbatch_refusing_a_gpu_request_names_the_key(tmp_path, monkeypatch, caps
     assert code == 2, err
     assert "'launch.gpus_per_node'" in err and "Invalid generic resource" in err
     assert "Traceback" not in err
+
+
+def _value_error(*overrides: str) -> str:
+    """The message of checks.check_values on the tiny config with `overrides`."""
+    with pytest.raises(config.ConfigError) as err:
+        checks.check_values(config.load(TINY, list(overrides)))
+    return str(err.value)
+
+
+@pytest.mark.parametrize(
+    "content, problem",
+    [
+        ('{"zero_optimization": {', "not valid JSON"),
+        ("[1, 2]", "JSON object"),
+        (None, "not found"),
+        ("folder", "folder"),
+        (b"\xff\xfe{}", "UTF-8"),
+    ],
+    ids=["invalid_json", "list", "missing", "folder", "binary"],
+)
+def test_a_bad_deepspeed_config_file_is_refused_naming_the_key_and_file(tmp_path, content, problem):
+    path = tmp_path / "ds.json"
+    if content == "folder":
+        path.mkdir()
+    elif isinstance(content, bytes):
+        path.write_bytes(content)
+    elif content is not None:
+        path.write_text(content)
+    message = _value_error(f"deepspeed.config_file={path}")
+    assert "'deepspeed.config_file'" in message and str(path) in message and problem in message
+
+
+def test_pretrain_refuses_invalid_deepspeed_json_before_any_work(tmp_path, sets):
+    path = tmp_path / "ds.json"
+    path.write_text('{"bf16": ')
+    done = run_module(
+        "pimc_dist.pretrain", "--config", TINY, f"loader.shards={sets['pimc']}",
+        f"train.run_dir={tmp_path / 'run'}", f"deepspeed.config_file={path}",
+    )  # fmt: skip
+    _refused(done, "'deepspeed.config_file'", str(path), "not valid JSON")
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize(
+    "override, shown",
+    [
+        ("augment.rp.crop_scale=[2,1]", "[2.0, 1.0]"),
+        ("augment.rp.crop_scale=[0,1]", "[0.0, 1.0]"),
+        ("augment.s2.crop_scale=[0.8,0.5]", "[0.8, 0.5]"),
+        ("augment.s2.crop_scale=[0.5]", "[0.5]"),
+        ("augment.s1.crop_ratio=[0,1]", "[0.0, 1.0]"),
+        ("augment.s1.crop_ratio=[2,1]", "[2.0, 1.0]"),
+        ("augment.s2.brightness=-0.1", "-0.1"),
+        ("augment.s2.contrast=-1", "-1"),
+        ("augment.s1.noise_db=-0.5", "-0.5"),
+    ],
+)
+def test_bad_augment_values_are_refused_naming_the_key(override, shown):
+    key = override.split("=")[0]
+    message = _value_error(override)
+    assert f"'{key}'" in message and shown in message

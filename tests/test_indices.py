@@ -293,8 +293,16 @@ def test_regular_grid_start_end_and_length():
         ix.regular_grid(dates, 0)
     with pytest.raises(ValueError, match="not both"):
         ix.regular_grid(dates, 5, end=dates[-1], length=3)
-    with pytest.raises(ValueError, match="before its start"):
+    with pytest.raises(ValueError, match="is after the last date"):
         ix.regular_grid(dates, 5, start=dt.date(2020, 1, 1))
+
+
+def test_grid_start_after_the_last_date_names_both_dates():
+    dates = [dt.date(2018, 9, 24), dt.date(2018, 10, 4)]
+    with pytest.raises(ValueError, match="grid start 2020-01-01 is after the last date 2018-10-04"):
+        ix.regular_grid(dates, 5, start=dt.date(2020, 1, 1))
+    with pytest.raises(ValueError, match="grid end 2018-09-01 is before its start 2018-09-24"):
+        ix.regular_grid(dates, 5, end=dt.date(2018, 9, 1))
 
 
 def test_resample_is_exact_on_a_linear_series_and_holds_the_ends():

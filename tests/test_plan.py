@@ -132,3 +132,51 @@ def test_plan_cli_runs_at_1024_gpus(config, tmp_path, capsys):
 def test_plan_cli_names_a_bad_override(capsys):
     assert plan_cli.main(["--config", str(PIMC), "train.no_such_key=1"]) == 2
     assert "no_such_key" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "args, flag",
+    [
+        (["--gpus", "0"], "--gpus"),
+        (["--gpus", "8", "-4"], "--gpus"),
+        (["--mfu", "0"], "--mfu"),
+        (["--mfu", "2"], "--mfu"),
+        (["--inter-node-gbps", "-1"], "--inter-node-gbps"),
+        (["--inter-node-gbps", "0"], "--inter-node-gbps"),
+        (["--batch", "0"], "--batch"),
+        (["--json", "FOLDER"], "--json"),
+    ],
+)
+def test_plan_cli_refuses_bad_arguments_before_measuring(args, flag, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(planning, "measure", lambda cfg: pytest.fail("measured"))
+    args = [str(tmp_path) if a == "FOLDER" else a for a in args]
+    assert plan_cli.main(["--config", str(TINY), *args]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {flag}:") and len(err.strip().splitlines()) == 1, err
+
+
+@pytest.mark.parametrize("config", ["data", "empty"])
+def test_plan_cli_given_a_config_with_no_model_says_so(config, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(planning, "measure", lambda cfg: pytest.fail("measured"))
+    path = REPO / "configs/data/demo.yaml"
+    if config == "empty":
+        path = tmp_path / "empty.yaml"
+        path.write_text("")
+    assert plan_cli.main(["--config", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "'model.views'" in err and "Traceback" not in err
+
+
+def test_plan_cli_names_a_model_it_cannot_build(capsys):
+    code = plan_cli.main(["--config", str(TINY), "model.views.rp.encoder=resnet19"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "resnet19" in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_plan_job_refuses_impossible_inputs():
+    cfg = config_lib.load(TINY)
+    measured = fake_measured(cfg)
+    for kwargs in ({"gpus": 0}, {"gpus": 8, "mfu": 0.0}, {"gpus": 8, "batch_per_gpu": 0}):
+        with pytest.raises(ValueError):
+            planning.plan_job(cfg, measured=measured, **kwargs)

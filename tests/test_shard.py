@@ -731,6 +731,7 @@ def test_geotiff_stack_with_corrupt_image_data_skips_its_patches_naming_the_file
         ("data.eurosat_bands=tif", ["data.eurosat_bands", "ms, rgb"]),
         ("data.reben_resample=cubic", ["data.reben_resample", "nearest, bilinear"]),
         ("data.image_size=0", ["data.image_size", ">= 1"]),
+        ("data.split=training", ["data.split", "'training'", "train, val, test"]),
     ],
 )
 def test_bad_config_fails_before_any_work(pastis, tmp_path, capsys, override, words):
@@ -833,3 +834,30 @@ def test_a_single_unreadable_stack_still_fails_before_any_work(tmp_path, capsys)
     out = tmp_path / "shards"
     code, _, err = _run(capsys, *_stack_args(out, str(path), "data.band_names=[B02,B04,B08]"))
     assert code == 1 and "stack0.tif" in err and not (out / PLAN_NAME).exists()
+
+
+@pytest.mark.parametrize(
+    "override, words",
+    [
+        ("data.dates=[2020-01-01,2020-31-01]", ["data.dates", "'2020-31-01'", "not a date"]),
+        ("data.band_order=band_majr", ["data.band_order", "'band_majr'", "date_major"]),
+        ("data.split=training", ["data.split", "'training'", "test, train, val"]),
+        ("data.hash_split={train: 0.5}", ["data.hash_split", "sum to 1"]),
+        ("data.grid_start=2030-01-01", ["data.grid_start", "2030-01-01", "2020-05-01"]),
+    ],
+)
+def test_geotiff_config_mistakes_name_the_key_and_exit_2(tmp_path, capsys, override, words):
+    (path,) = _write_stacks(tmp_path / "raw", 1)
+    out = tmp_path / "shards"
+    args = _stack_args(out, str(path), "data.band_names=[B02,B04,B08]", override)
+    code, _, err = _run(capsys, *args)
+    assert code == 2 and all(w in err for w in words), err
+    assert "Traceback" not in err and not (out / PLAN_NAME).exists()
+
+
+def test_a_folder_as_geotiff_root_says_what_to_pass(tmp_path, capsys):
+    _write_stacks(tmp_path / "raw", 1)
+    out = tmp_path / "shards"
+    args = _stack_args(out, str(tmp_path / "raw"), "data.band_names=[B02,B04,B08]")
+    code, _, err = _run(capsys, *args)
+    assert code == 1 and "is a folder" in err and "*.tif" in err and "missing" not in err, err

@@ -435,3 +435,62 @@ def test_ucr_crop_ndvi_slice_converted_to_long_format_shards(tmp_path, capsys):
     np.testing.assert_allclose(
         decoded[0]["series.npy"].astype(np.float32)[0], np.clip(data[k, 1:], -1, 1), atol=1e-3
     )
+
+
+# --- config mistakes and warnings in the sharder's summary --------------------------------
+
+
+def _shard(tmp_path: Path, capsys, root, *extra: str) -> tuple[int, str, str]:
+    code = cli(
+        ["--config", str(CONFIG), f"data.root={root}", f"data.shard_dir={tmp_path / 'o'}",
+         "data.workers=1", *extra]
+    )  # fmt: skip
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_a_folder_as_root_says_what_to_pass(tmp_path, capsys):
+    write_table(tmp_path / "points.csv", ROWS)
+    code, _, err = _shard(tmp_path, capsys, tmp_path)
+    assert code == 1 and "is a folder" in err and "missing" not in err, err
+    assert "a glob of tables" in err and f"{tmp_path}/*.csv" in err
+
+
+def test_grid_start_after_every_date_stops_naming_the_key_and_the_dates(tmp_path, capsys):
+    table = write_table(tmp_path / "points.csv", ROWS)
+    code, _, err = _shard(tmp_path, capsys, table, "data.grid_start=2030-01-01")
+    assert code == 2 and "data.grid_start" in err and "2030-01-01" in err, err
+    assert "2021-01-01 .. 2021-02-10" in err and "Traceback" not in err
+    assert not (tmp_path / "o" / "plan.json").exists()
+    # With data.grid_length: a grid that ends before the first date is the same mistake.
+    code, _, err = _shard(
+        tmp_path, capsys, table, "data.grid_start=2020-01-01", "data.grid_length=3"
+    )
+    assert code == 2 and "data.grid_start" in err and "data.grid_length" in err, err
+
+
+def test_empty_classes_are_warned_naming_them(tmp_path, capsys):
+    rows = [[f"s{k}", "2020-01-01", "400", "300", "3000", str(k % 3)] for k in range(6)]
+    rows[0][5] = "99"  # a typo: 100 classes, most of them empty
+    path = write_table(tmp_path / "t.csv", rows, HEADER[:6])
+    notes = _source(path).notes
+    assert len(notes) == 1 and "classes 3..98 have no sample" in notes[0], notes
+    only_three = write_table(tmp_path / "3.csv", [r[:5] + ["3"] for r in rows], HEADER[:6])
+    assert "classes 0..2 have no sample" in _source(only_three).notes[0]
+    assert _source(write_table(tmp_path / "ok.csv", ROWS)).notes == []
+    code, printed, err = _shard(tmp_path, capsys, path)
+    assert code == 0, err
+    assert "warning: point_series: classes 3..98 have no sample" in printed
+
+
+def test_a_sample_far_from_the_others_is_named_when_it_stretches_the_grid(tmp_path, capsys):
+    rows = [[s, f"2021-0{m}-01", "400", "300", "3000"] for s in "abcd" for m in (3, 4, 5)]
+    rows += [["late", f"2030-0{m}-01", "400", "300", "3000"] for m in (3, 4)]
+    path = write_table(tmp_path / "t.csv", rows, HEADER[:5])
+    (note,) = _source(path).notes
+    assert "2021-03-01 .. 2030-04-01" in note and "'late'" in note and "'a'" not in note
+    assert "data.grid_length" in note
+    assert _source(path, common_range=False).notes == []  # own grids: nothing stretched
+    code, printed, err = _shard(tmp_path, capsys, path)
+    assert code == 0, err
+    assert "warning: point_series: the common time grid" in printed

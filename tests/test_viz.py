@@ -143,3 +143,40 @@ def test_help_shows_an_example(capsys):
     assert exit_info.value.code == 0
     assert "example: python -m pimc_dist.viz samples shards/demo" in out
     assert "{samples,curves,sweep}" in out
+
+
+def test_the_printed_path_is_the_file_written(tmp_path, pimc_shards, capsys):
+    assert viz.main(["samples", str(pimc_shards), "--n", "2", "--out", str(tmp_path / "x")]) == 0
+    assert capsys.readouterr().out.strip() == f"wrote {tmp_path / 'x.png'}"
+    assert png_size(tmp_path / "x.png")
+    folder = tmp_path / "pictures"
+    folder.mkdir()
+    assert viz.main(["samples", str(pimc_shards), "--n", "2", "--out", str(folder)]) == 0
+    assert capsys.readouterr().out.strip() == f"wrote {folder / 'samples.png'}"
+    assert png_size(folder / "samples.png")
+
+
+def test_curves_name_the_run_folder_that_lacks_metrics(tmp_path, capsys):
+    assert viz.main(["curves", str(tmp_path / "nowhere")]) == 1
+    err = capsys.readouterr().err
+    assert "nowhere: no such run folder" in err and "Errno" not in err, err
+    assert viz.main(["curves", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert f"{tmp_path}: no metrics.jsonl in this run folder" in err and "Errno" not in err, err
+
+
+def test_sweep_takes_the_sweep_folder_or_says_what_to_pass(tmp_path, capsys):
+    from pimc_dist.eval import results
+
+    results.write_csv(_sweep_rows(), tmp_path / "results.csv")
+    assert viz.main(["sweep", str(tmp_path), "--out", str(tmp_path / "s.png")]) == 0
+    assert png_size(tmp_path / "s.png")
+    capsys.readouterr()
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert viz.main(["sweep", str(empty)]) == 1
+    err = capsys.readouterr().err
+    assert f"{empty}: no results.csv in this folder" in err and "Errno" not in err, err
+    assert viz.main(["sweep", str(tmp_path / "nope.csv")]) == 1
+    err = capsys.readouterr().err
+    assert "nope.csv: no such file" in err and "Errno" not in err, err

@@ -17,6 +17,7 @@ class list and the sample kind its records make. Names in `data.source`:
 
 from __future__ import annotations
 
+import datetime as dt
 import glob
 import os
 from collections.abc import Sequence
@@ -48,6 +49,9 @@ class Source:
     # Acquisitions merged into another of their day (sources.base.merge_same_day), over the
     # whole dataset: the sharder prints it once.
     same_day_merged: int = 0
+    # First and last acquisition of the whole dataset where the reader knows them up front
+    # (GeoTIFF stacks, point tables): the sharder checks data.grid_start against them.
+    date_range: tuple[dt.date, dt.date] | None = None
 
 
 def ensure_demo_dataset(root: str | os.PathLike = DEMO_ROOT) -> Path:
@@ -144,6 +148,7 @@ def open_source(data: Any) -> Source:
             "pimc",
             reader.label_ignore,
             same_day_merged=reader.same_day_merged,
+            date_range=(min(reader.dates), max(reader.dates)),
         )
     if name == "point_series":
         reader = point_series.PointSeriesSource(
@@ -169,6 +174,7 @@ def open_source(data: Any) -> Source:
             "pimc",
             samples_per_record=1,
             same_day_merged=reader.same_day_merged,
+            date_range=(reader.first_date, reader.last_date),
         )
     if name == "eurosat":
         reader = eurosat.EuroSATSource(

@@ -72,6 +72,10 @@ def _tiff_layout(path: Path) -> dict[str, Any]:
     Also checks that every strip/tile the header points to lies inside the file, which
     catches truncated uncompressed files that would otherwise decode as zeros.
     """
+    if path.is_dir():
+        raise SourceError(
+            path, f"is a folder, not a GeoTIFF: give the .tif file, or a glob such as {path}/*.tif"
+        )
     if not path.is_file():
         raise SourceError(path, "missing")
     size = path.stat().st_size

@@ -159,6 +159,17 @@ def _first_per_sample(
     return out
 
 
+def _ranges(values: list[int]) -> str:
+    """Sorted integers as runs: [0, 3, 4, 5] -> '0, 3..5'."""
+    runs: list[list[int]] = []
+    for v in values:
+        if runs and v == runs[-1][1] + 1:
+            runs[-1][1] = v
+        else:
+            runs.append([v, v])
+    return ", ".join(str(a) if a == b else f"{a}..{b}" for a, b in runs)
+
+
 def _as_int(text: str) -> int | None:
     try:
         number = float(text)
@@ -248,6 +259,9 @@ class PointSeriesSource:
         self.same_day_merged = 0
         self.ignored = 0
         self.classes: list[str] = list(self.class_names)
+        # Oddities that are no error but likely a mistake (empty classes, a stretched grid):
+        # the sharder prints them as warnings.
+        self.notes: list[str] = []
 
         self._ids: list[str] = []
         self._values: list[np.ndarray] = []  # per table: (rows, C) float32, sorted
@@ -265,6 +279,15 @@ class PointSeriesSource:
     # -- reading --------------------------------------------------------------------------
 
     def _read_table(self, path: Path) -> dict[str, Any]:
+        if path.is_dir():
+            names = [f.name.lower() for f in path.iterdir()]
+            suffixes = (".csv", ".csv.gz", ".tsv", ".txt", ".parquet", ".pq")
+            found = [x for x in suffixes if any(n.endswith(x) for n in names)] or [".csv"]
+            raise SourceError(
+                path,
+                "is a folder, not a table: give a table file (.csv, .csv.gz, .parquet) or a "
+                f"glob of tables, e.g. data.root='{path}/*{found[0]}'",
+            )
         if not path.is_file():
             raise SourceError(path, "missing")
         cols = self.columns
@@ -330,6 +353,7 @@ class PointSeriesSource:
         cols = self.columns
         seen: dict[str, Path] = {}
         label_info = []
+        firsts, lasts = [], []  # per sample: its first and last day
         for t, table in enumerate(tables):
             path, ids = table["path"], table["ids"]
             unique, first, inverse = np.unique(ids, return_index=True, return_inverse=True)
@@ -346,6 +370,8 @@ class PointSeriesSource:
                 seen[sid] = path
             days = table["days"][order]
             values = table["values"][order]
+            firsts += days[starts[:-1]].tolist()
+            lasts += days[starts[1:] - 1].tolist()
             # Rows of one sample on one day: merged when read (counted here, printed once).
             same = (np.diff(days) == 0) & (np.diff(sample_of_row[order]) == 0)
             self.same_day_merged += int(same.sum())
@@ -382,6 +408,7 @@ class PointSeriesSource:
             self._splits += [SPLIT_NAMES.get(t.lower(), t) for t in texts["split"]]
             self._groups += texts["group"]
         self._labels = self._label_values(label_info)
+        self.notes = self._empty_class_notes() + self._stretch_notes(firsts, lasts)
 
         keep = []
         for k, sid in enumerate(self._ids):
@@ -435,6 +462,57 @@ class PointSeriesSource:
                     "data.label_ignore",
                 )
         return out
+
+    def _empty_class_notes(self) -> list[str]:
+        """A note naming the classes no sample has (typo labels make such gaps)."""
+        present = {v for v in self._labels if v >= 0}
+        if not present:  # no label at all: nothing to say
+            return []
+        empty = [
+            i for i in range(len(self.classes)) if i not in present and i not in self.label_ignore
+        ]
+        if not empty:
+            return []
+        if all(self.classes[i] == str(i) for i in empty):
+            shown = _ranges(empty)
+        else:
+            shown = ", ".join(repr(self.classes[i]) for i in empty[:6])
+            shown += ", ..." if len(empty) > 6 else ""
+        what = f"class {shown} has" if len(empty) == 1 else f"classes {shown} have"
+        hint = (
+            "data.class_names names classes this table lacks?"
+            if self.class_names
+            else f"integer labels make classes 0 .. the largest: a typo in the "
+            f"{self.columns['label']!r} column?"
+        )
+        return [f"{what} no sample (of {len(self.classes)} classes): {hint}"]
+
+    def _stretch_notes(self, firsts: list[int], lasts: list[int]) -> list[str]:
+        """A note when the one grid of all samples is much longer than a typical sample's
+        span, naming the samples far outside the others' dates (a wrong date?)."""
+        if not self.common_range or not firsts:
+            return []
+        first, last = np.array(firsts), np.array(lasts)
+        typical = max(float(np.median(last - first)), 1.0)
+        whole = int(last.max() - first.min())
+        if whole <= 2 * typical:
+            return []
+        far = np.flatnonzero(
+            (first < np.median(first) - typical) | (last > np.median(last) + typical)
+        )
+        named = ", ".join(
+            f"{self._ids[k]!r} ({dt.date.fromordinal(int(first[k]))} .. "
+            f"{dt.date.fromordinal(int(last[k]))})"
+            for k in far[:3]
+        )
+        by = f"; stretched by sample(s) {named}" if far.size else ""
+        by += f" and {far.size - 3} more" if far.size > 3 else ""
+        return [
+            f"the common time grid spans {self.first_date} .. {self.last_date} ({whole} days), "
+            f"more than twice a typical sample's {typical:.0f} days{by}: a wrong date? For a "
+            "table of several seasons set data.grid_length (each sample's grid then starts on "
+            "its own first date)"
+        ]
 
     # -- records ------------------------------------------------------------------------
 
