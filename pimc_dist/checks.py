@@ -239,25 +239,11 @@ def check_shards(cfg: Any) -> Any:
     return manifest
 
 
-def check_pretrain(cfg: Any) -> None:
-    """Everything a pretraining checks before work that needs no model: values, views, shards."""
-    check_values(cfg)
-    check_no_data_config(cfg, "pretraining")
-    needed = set(METHOD_VIEWS[cfg.method])
-    absent = needed - set(cfg.loader.views)
-    if absent and not (absent == {"rp"} and cfg.loader.rp_on_the_fly != "off"):
-        raise ConfigError(
-            f"invalid key 'loader.views': method {cfg.method} needs views {sorted(absent)}"
-        )
-    check_shards(cfg)
-
-
 __all__ = [
     "METHOD_VIEWS",
     "check_augment",
     "check_deepspeed_file",
     "check_no_data_config",
-    "check_pretrain",
     "check_shards",
     "check_values",
     "check_weights_file",

@@ -223,6 +223,14 @@ def check_config(cfg: Any) -> None:
             f"model.views: method {cfg.method} needs views {sorted(missing)}"
             + (" (without crops: rp and series)" if cfg.method == "pimc" else "")
         )
+    # MoSAiC draws two augmentations per modality; PIMC's crops get the loader's flips only.
+    drawn = {"pimc": (), "mosaic": ("s2", "s1")}[cfg.method]
+    for view in cfg.augment:
+        if view not in drawn:
+            raise config_lib.ConfigError(
+                f"augment.{view}: method {cfg.method} draws no augmentations of view '{view}' "
+                f"({'only of ' + ', '.join(drawn) if drawn else 'PIMC reads no augment section'})"
+            )
     _check_model(cfg)
     absent = needed - set(cfg.loader.views)
     if absent and not (absent == {"rp"} and cfg.loader.rp_on_the_fly != "off"):

@@ -506,12 +506,23 @@ def test_flops_per_sample_is_three_forwards_of_the_built_model():
     assert pretrain.flops_per_sample(mosaic) == 6 * count_flops(model)
 
 
+def test_an_augment_view_mosaic_does_not_have_is_refused(tmp_path):
+    cfg = load(
+        REPO / "configs/pretrain/mosaic.yaml",
+        ["data.root=/nowhere", f"train.run_dir={tmp_path}", "augment.s3.flips=false"],
+    )
+    with pytest.raises(ConfigError, match=r"augment.s3: method mosaic .* \(only of s2, s1\)"):
+        pretrain.check_config(cfg)
+
+
 @pytest.mark.parametrize(
     ("override", "message"),
     [
         ("model.views.rp.encoder=resnet19", "model.views.rp: unknown encoder 'resnet19'"),
         ("model.views.rsi.in_chans=null", "model.views.rsi: missing in_chans"),
         ("model.views.rp.patch_size=8", "model.views.rp: resnet18: patch_size applies to ViT"),
+        # An augment section the job would silently ignore.
+        ("augment.rsi.flips=false", "augment.rsi: method pimc draws no augmentations"),
     ],
 )
 def test_check_config_builds_the_model_and_names_the_bad_key(tmp_path, override, message):
