@@ -26,7 +26,7 @@ from safetensors import safe_open
 
 from pimc_dist.config import ConfigError
 from pimc_dist.engine import CheckpointError, deepspeed_config
-from pimc_dist.shardset import ShardError, read_manifest
+from pimc_dist.shardset import ShardError, read_manifest, usable_manifest
 
 # key -> (low, high, low_inclusive); None = unbounded.
 _RANGES: dict[str, tuple[float | None, float | None, bool]] = {
@@ -236,6 +236,11 @@ def check_shards(cfg: Any) -> Any:
             + f" ({where}); the model does not fit these shards: fix model.views or "
             "loader.shards"
         )
+    if str(cfg.loader.verify) != "none":
+        # The loader's start-up check of the shard files' sizes (sha256 is left to it: too
+        # slow here): more damage than loader.max_excluded_fraction would otherwise stop the
+        # job only after the queue wait and DeepSpeed's start (ShardError, naming the files).
+        usable_manifest(cfg.loader.shards, "size", float(cfg.loader.max_excluded_fraction))
     return manifest
 
 

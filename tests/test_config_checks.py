@@ -188,6 +188,26 @@ def test_a_bad_deepspeed_config_file_is_refused_naming_the_key_and_file(tmp_path
     assert "'deepspeed.config_file'" in message and str(path) in message and problem in message
 
 
+def test_shards_damaged_past_the_loaders_limit_are_refused_before_any_work(tmp_path, sets):
+    damaged = tmp_path / "damaged"
+    shutil.copytree(sets["pimc"], damaged)
+    cut = sorted(damaged.glob("shard-*.tar"))[0]  # 1 of 3 shards: past the 10 % limit
+    cut.write_bytes(cut.read_bytes()[: cut.stat().st_size // 2])
+    run_dir = tmp_path / "run"
+    common = ["--config", TINY, f"loader.shards={damaged}", f"train.run_dir={run_dir}"]
+    done = run_module("pimc_dist.pretrain", *common)
+    text = done.stdout + done.stderr
+    assert done.returncode == 1 and "Traceback" not in text, text
+    assert cut.name in done.stderr and "loader.max_excluded_fraction=0.1" in done.stderr
+    assert "DeepSpeed" not in text and not run_dir.exists()  # before the engine or the folder
+    launched = _dry_run(tmp_path, TINY, f"loader.shards={damaged}")
+    assert launched.returncode == 2 and cut.name in launched.stderr, launched.stderr
+    # Within the limit (or with loader.verify=none) the loader leaves it out and goes on.
+    assert (
+        _dry_run(tmp_path, TINY, f"loader.shards={damaged}", "loader.verify=none").returncode == 0
+    )
+
+
 def test_pretrain_refuses_invalid_deepspeed_json_before_any_work(tmp_path, sets):
     path = tmp_path / "ds.json"
     path.write_text('{"bf16": ')
