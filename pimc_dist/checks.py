@@ -25,6 +25,7 @@ from typing import Any
 from safetensors import safe_open
 
 from pimc_dist.config import ConfigError
+from pimc_dist.encoders import WEIGHTS_FILE, find_weights
 from pimc_dist.engine import CheckpointError, deepspeed_config
 from pimc_dist.shardset import ShardError, read_manifest, usable_manifest
 
@@ -156,6 +157,11 @@ def read_shard_manifest(folder: str | Path, key: str) -> Any:
     """The manifest of the shard set at `folder`, read for the config key `key`; a missing or
     invalid manifest is a ConfigError naming the key and the file."""
     path = Path(folder) / "manifest.json"
+    if Path(folder).is_file():
+        raise ConfigError(
+            f"invalid key '{key}': {folder} is a file; give the shard set's folder (the one "
+            "holding manifest.json and the shard-*.tar files)"
+        )
     if not path.is_file():
         raise ConfigError(
             f"invalid key '{key}': no shards found at {folder} (no manifest.json); make them "
@@ -258,12 +264,12 @@ __all__ = [
 
 def check_weights_file(ckpt: str | Path, key: str = "finetune.ckpt") -> None:
     """The encoder weights named by `key` (a safetensors file, or a run folder holding
-    encoders.safetensors) open, and every tensor lies inside the file (not truncated)."""
-    path = Path(ckpt)
-    if path.is_dir():
-        path = path / "encoders.safetensors"
-        if not path.is_file():
-            return  # the job says what the folder lacks
+    encoders.safetensors) open, every tensor lies inside the file (not truncated), and they
+    are encoders as pretraining exports them ('<view>.encoder.<param>' keys)."""
+    try:
+        path = find_weights(Path(ckpt))
+    except FileNotFoundError as exc:
+        raise ConfigError(f"invalid key '{key}': {exc}") from None
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
             names = list(f.keys())
@@ -276,3 +282,9 @@ def check_weights_file(ckpt: str | Path, key: str = "finetune.ckpt") -> None:
         ) from None
     if not names:
         raise ConfigError(f"invalid key '{key}': {path} holds no tensors")
+    if not any(".encoder." in name for name in names):
+        shown = ", ".join(sorted(names)[:3]) + (", ..." if len(names) > 3 else "")
+        raise ConfigError(
+            f"invalid key '{key}': {path} holds no encoder of a view (no '<view>.encoder.' "
+            f"keys; it has {shown}): give a pretraining run folder or its {WEIGHTS_FILE}"
+        )

@@ -136,6 +136,26 @@ def test_finetune_refuses_a_truncated_weights_file_naming_it(tmp_path, sets):
     _refused(done, "'finetune.ckpt'", str(weights))
 
 
+@pytest.mark.parametrize("case", ["empty_folder", "bare_keys"])
+def test_finetune_refuses_a_checkpoint_without_encoders_before_any_work(tmp_path, sets, case):
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    if case == "bare_keys":  # a state dict, not an export of pretraining
+        save_file({"foo.weight": torch.zeros(2)}, str(ckpt / "encoders.safetensors"))
+    done = run_module(
+        "pimc_dist.finetune", "--config", PIXEL_CLS, f"finetune.ckpt={ckpt}",
+        f"loader.shards={sets['pimc']}", f"train.run_dir={tmp_path / 'ft'}",
+    )  # fmt: skip
+    shown = "holds no encoders.safetensors" if case == "empty_folder" else "(no '<view>.encoder."
+    _refused(done, "'finetune.ckpt'", shown)
+    assert "leak guard" not in done.stderr and not (tmp_path / "ft").exists()
+
+
+def test_a_manifest_file_given_for_the_shard_folder_says_to_give_the_folder(tmp_path, sets):
+    done = _dry_run(tmp_path, TINY, f"loader.shards={sets['pimc'] / 'manifest.json'}")
+    _refused(done, "'loader.shards'", "is a file; give the shard set's folder")
+
+
 def test_sbatch_refusing_a_gpu_request_names_the_key(tmp_path, monkeypatch, capsys, sets):
     """sbatch's 'Invalid generic resource' (a Slurm without GPUs), simulated at the submit call."""
 

@@ -592,9 +592,9 @@ def test_a_launched_finetune_with_a_checkpoint_that_does_not_fit_fails_with_one_
     import torch
     from safetensors.torch import save_file
 
-    ckpt = tmp_path / "ckpt"  # a run folder whose encoders file holds no encoder
+    ckpt = tmp_path / "ckpt"  # a run folder whose encoders file lacks the plot encoder
     config.save_run_config(config.load(TINY, [f"loader.shards={tiny_shards}"]), ckpt)
-    save_file({"foo.weight": torch.zeros(2)}, str(ckpt / "encoders.safetensors"))
+    save_file({"rsi.encoder.w": torch.zeros(2)}, str(ckpt / "encoders.safetensors"))
     code = launch.main(
         ["finetune", "--cluster", "local", "--wait", "--tasks-per-node", "1"]
         + ["--config", str(REPO / "configs/finetune/pixel_cls.yaml")]
@@ -603,7 +603,7 @@ def test_a_launched_finetune_with_a_checkpoint_that_does_not_fit_fails_with_one_
     )
     out, err = capsys.readouterr()
     assert code == 2, out + err
-    assert "has no 'rp.encoder.' keys for view 'rp'" in out + err
+    assert "has no encoder for view 'rp'; it has ['rsi']" in out + err
     assert "Traceback" not in out + err and "exit status 2" in out
 
 
