@@ -183,8 +183,11 @@ def _kill_group(proc: subprocess.Popen, started: float) -> None:
     proc.wait()
     root = os.environ.get("TORCH_EXTENSIONS_DIR") or Path.home() / ".cache" / "torch_extensions"
     for lock in Path(root).glob("*/*/lock"):
-        if lock.stat().st_mtime >= started:
-            lock.unlink(missing_ok=True)
+        try:
+            if lock.stat().st_mtime >= started:
+                lock.unlink()
+        except FileNotFoundError:  # a build that ended meanwhile removed it
+            pass
 
 
 def _run_bench(cmd: list[str], device: str) -> None:
