@@ -7,9 +7,9 @@ into the JSON and the next section runs), in this order:
                   extensions (bench/machine.py)
   pytest_gpu      `pytest -m gpu` on the test files that hold GPU tests: passed / failed / skipped
   train_step      bench/train_step.py's device mode: our DeepSpeed engine (ZeRO-1, ZeRO-2) vs
-                  DDP (one rank, timed once) on the same model and data, bf16, for pimc.yaml's model, its
-                  plot tower and crop tower alone at their real input sizes, and ViT-L/16 at
-                  224 px: samples/s, MFU (models/flops.py), peak memory
+                  DDP (one rank, timed once) on the same model and data, bf16, for pimc.yaml's
+                  model, its plot tower and crop tower alone at their real input sizes, and
+                  ViT-L/16 at 224 px: samples/s, MFU (models/flops.py), peak memory
   loss            bench/loss.py: the gathered CLIP loss on NCCL (one rank) at batch 4k, 16k, 64k:
                   time and peak memory (out of memory is a result, not a failure)
   recurrence      bench/recurrence.py --device-check: plots/s of the torch path on the GPU vs
@@ -277,9 +277,9 @@ def section_loader_to_gpu(device: str, smoke: bool, work: Path) -> dict[str, Any
 def section_pretrain(device: str, smoke: bool, work: Path) -> dict[str, Any]:
     """A real `python -m pimc_dist.pretrain`: tiny.yaml's towers on small synthetic shards,
     one rank (nccl on the GPU, bf16 there): 4 steps with a checkpoint every 2, then a resume
-    to step 6, then `load_encoder` of the export on the device (no W&B: not the device's). The benches time steps; this
-    runs what only the job does on the device: its own collectives, checkpoints of device
-    tensors, the resume and the export."""
+    to step 6, then `load_encoder` of the export on the device (no W&B: not the device's).
+    The benches time steps; this runs what only the job does on the device: its own
+    collectives, checkpoints of device tensors, the resume and the export."""
     import torch
 
     from pimc_dist import config as config_lib
@@ -287,8 +287,9 @@ def section_pretrain(device: str, smoke: bool, work: Path) -> dict[str, Any]:
     from pimc_dist.tracking import read_metrics
 
     shards = _fixture_shards(work, smoke=True)
-    bf16 = str(device == "cuda").lower()
-    extra = [f"deepspeed.bf16={bf16}", "train.ckpt_every_steps=2", "train.log_every_steps=1"]
+    bf16 = device == "cuda"
+    extra = [f"deepspeed.bf16={str(bf16).lower()}", "train.ckpt_every_steps=2"]
+    extra += ["train.log_every_steps=1"]
     extra += ["tracking.wandb=false"]
     cfg = _loader_config(shards, work, True, extra)
     config_path = config_lib.save(cfg, work / "pretrain.yaml")
@@ -309,7 +310,7 @@ def section_pretrain(device: str, smoke: bool, work: Path) -> dict[str, Any]:
     features = encoder(torch.zeros(2, spec.channels, spec.size, spec.size, dtype=torch.uint8))
     last = rows[-1]
     return {
-        "bf16": bf16 == "true",
+        "bf16": bf16,
         "run_seconds": seconds,
         "steps": steps_logged[-1],
         "first_loss": rows[0]["loss"],

@@ -33,8 +33,8 @@ if [[ "${1:-}" == "--fetch-wheels" ]]; then
     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
     --platform manylinux2014_x86_64 -d "$WHEELS" \
     omegaconf==2.4.0 pydantic==2.14.4 pydantic-core==2.50.5 annotated-types==0.8.0 \
-    typing-inspection==0.4.5 typing-extensions==4.16.0 hjson==3.1.0 webdataset==1.0.2 braceexpand==0.1.7 pyts==0.14.1 \
-    submitit==1.5.4 || exit
+    typing-inspection==0.4.5 typing-extensions==4.16.0 hjson==3.1.0 webdataset==1.0.2 \
+    braceexpand==0.1.7 pyts==0.14.1 submitit==1.5.4 || exit
   # DeepSpeed ships a source archive only; its wheel is pure Python (ops build at run time).
   "$PY" -m pip wheel --no-deps --no-build-isolation -w "$WHEELS" deepspeed==0.19.8 || exit
   ls -l "$WHEELS"

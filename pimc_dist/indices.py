@@ -380,9 +380,7 @@ def regular_grid(
     if length is None:
         last = _day_numbers([end])[0] if end is not None else days.max()
         if last < first:
-            first_day, last_day = (
-                dt.date(1970, 1, 1) + dt.timedelta(days=int(d)) for d in (first, last)
-            )
+            first_day, last_day = _dates_of_days([first, last])
             if end is None:
                 raise ValueError(f"grid start {first_day} is after the last date {last_day}")
             raise ValueError(f"grid end {last_day} is before its start {first_day}")
@@ -390,7 +388,12 @@ def regular_grid(
     if length <= 0:
         raise ValueError(f"grid length must be positive, got {length}")
     grid = first + step_days * np.arange(length, dtype=np.int64)
-    return [dt.date(1970, 1, 1) + dt.timedelta(days=int(d)) for d in grid]
+    return _dates_of_days(grid)
+
+
+def _dates_of_days(days: Sequence[int] | np.ndarray) -> list[dt.date]:
+    """The dates of day numbers since 1970-01-01 (the inverse of `_day_numbers`)."""
+    return [dt.date(1970, 1, 1) + dt.timedelta(days=int(d)) for d in days]
 
 
 def resample_to_grid(

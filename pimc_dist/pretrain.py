@@ -52,9 +52,9 @@ from pimc_dist.models.summary import human_count, model_summary
 from pimc_dist.shardset import ShardError
 from pimc_dist.tracking import Tracker
 
-# Peak dense bf16 FLOP/s per device, for MFU. Unknown devices report no MFU.
-# Dense bf16 peak per GPU, by a part of torch.cuda.get_device_name: the first key that matches
-# wins, so the PCIe and NVL H100s (lower clocks) come before the SXM part.
+# Dense bf16 peak FLOP/s per GPU, for MFU, by a part of torch.cuda.get_device_name: the first
+# key that matches wins, so the PCIe and NVL H100s (lower clocks) come before the SXM part.
+# Unknown devices report no MFU.
 PEAK_BF16_FLOPS = {
     "H100 PCIe": 756e12,
     "H100 NVL": 835e12,
@@ -708,8 +708,7 @@ def cli(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         cfg = config_lib.load(args.config, args.overrides)
-        check_config(cfg)  # pimc_dist.checks: values, views, shards; exit 2 naming the key
-        return main(cfg)
+        return main(cfg)  # check_config first: values, views, shards; exit 2 naming the key
     except tuple(USER_ERRORS) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return next(code for kind, code in USER_ERRORS.items() if isinstance(exc, kind))
