@@ -212,6 +212,8 @@ def _run_bench(cmd: list[str], device: str) -> None:
 def section_train_step(device: str, smoke: bool, work: Path) -> dict[str, Any]:
     from train_step import add_ratios_to_ddp
 
+    from pimc_dist.tracking import read_metrics
+
     # One bench run per workload, most wanted first: a time limit loses the rest, not all.
     workloads = ["pimc", "vit_l16_224"] if smoke else ["pimc", "vit_l16_224", "pimc_rp", "pimc_rsi"]
     rows: list[dict] = []
@@ -229,9 +231,8 @@ def section_train_step(device: str, smoke: bool, work: Path) -> dict[str, Any]:
         except (RuntimeError, TimeoutError) as exc:
             # The rows measured before it stopped, then what stopped it.
             partial = out.with_suffix(".partial.jsonl")
-            if partial.is_file():
-                measured = [json.loads(line) for line in partial.read_text().splitlines() if line]
-                rows += add_ratios_to_ddp(measured)
+            if partial.is_file():  # a line torn by the kill is left out
+                rows += add_ratios_to_ddp(read_metrics(partial))
             rows.append({"model": workload, "stage": None, "path": "rest", "error": str(exc)})
             continue
         result = json.loads(out.read_text())

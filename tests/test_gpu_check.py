@@ -95,6 +95,30 @@ def test_a_failing_section_is_recorded_and_the_others_run(tmp_path, monkeypatch)
     assert report["sections"]["recurrence"]["ok"]
 
 
+def test_a_stopped_training_step_bench_keeps_the_rows_it_measured(tmp_path, monkeypatch):
+    sys.path.insert(0, str(REPO / "bench"))
+    try:
+        gpu_check = importlib.import_module("gpu_check")
+    finally:
+        sys.path.remove(str(REPO / "bench"))
+    measured = [
+        {"model": "pimc", "stage": 1, "path": "ds ours (bf16)", "samples_per_s": 90.0},
+        {"model": "pimc", "stage": None, "path": "ddp (autocast bf16)", "samples_per_s": 100.0},
+    ]
+
+    def stopped_bench(cmd, device):  # killed at the limit while writing its third row
+        out, model = Path(cmd[cmd.index("--out") + 1]), cmd[cmd.index("--models") + 1]
+        lines = [json.dumps(row | {"model": model}) for row in measured] + ['{"model": "pi']
+        out.with_suffix(".partial.jsonl").write_text("\n".join(lines))
+        raise TimeoutError("bench/train_step.py stopped at this section's time limit")
+
+    monkeypatch.setattr(gpu_check, "_run_bench", stopped_bench)
+    result = gpu_check.section_train_step("cpu", True, tmp_path)
+    rows = [r for r in result["rows"] if r["model"] == "pimc"]
+    assert [r["path"] for r in rows] == ["ds ours (bf16)", "ddp (autocast bf16)", "rest"]
+    assert rows[0]["ratio_to_ddp"] == 0.9 and "time limit" in rows[2]["error"]
+
+
 def test_section_budgets_fit_eight_minutes_on_a_gpu_and_three_in_smoke():
     sys.path.insert(0, str(REPO / "bench"))
     try:
