@@ -438,7 +438,7 @@ def _log_to_wandb(
     tracker = tracking.Tracker(summary_cfg, rank=0, run_dir=sweep_dir(cfg) / "summary")
     if tracker.run is not None:
         columns = sorted({k for r in rows for k in r})
-        table = tracking.wandb.Table(
+        table = tracking.wandb_module().Table(
             columns=columns, data=[[r.get(c) for c in columns] for r in rows]
         )
         tracker.run.log({"results": table}, step=0)

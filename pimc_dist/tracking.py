@@ -23,10 +23,15 @@ import numpy as np
 
 from pimc_dist.config import ConfigError
 
-try:
-    import wandb
-except ImportError:  # optional at import time; required only when tracking.wandb is true
-    wandb = None
+
+def wandb_module() -> Any:
+    """The wandb module, or None where it is not installed. Imported on first use: it takes
+    a third of a second, which every start with W&B off (and every check) would pay."""
+    try:
+        import wandb
+    except ImportError:  # optional; required only when tracking.wandb is true
+        return None
+    return wandb
 
 
 class TrackingError(ConfigError):
@@ -46,7 +51,7 @@ def check_wandb(cfg: Any) -> None:
     """W&B as configured can start here: installed when asked for, a key when online."""
     if not cfg.tracking.wandb or cfg.tracking.mode == "disabled":
         return
-    if wandb is None:
+    if wandb_module() is None:
         raise TrackingError(
             "invalid key 'tracking.wandb': true, but wandb is not installed: pip install wandb, "
             "or set tracking.wandb=false"
@@ -111,14 +116,15 @@ class Tracker:
         self.run_id = run_id
         if not self.active:
             return
+        check_wandb(cfg)  # before the metrics file is opened: a refusal leaves nothing open
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self._file = open(self.metrics_path, "a")  # noqa: SIM115 - closed in finish()
         if not cfg.tracking.wandb or cfg.tracking.mode == "disabled":
             return
-        check_wandb(cfg)
         mode = cfg.tracking.mode
         verbose = bool(getattr(cfg.tracking, "verbose", False))
         self.run_id = run_id or secrets.token_hex(4)
+        wandb = wandb_module()
         self.run = wandb.init(
             project=cfg.tracking.project,
             entity=cfg.tracking.entity,
@@ -169,7 +175,7 @@ class Tracker:
         if not self.active or self.run is None or not images:
             return
         self._wandb_call(
-            lambda: self.run.log({k: wandb.Image(v) for k, v in images.items()}, step=step)
+            lambda: self.run.log({k: wandb_module().Image(v) for k, v in images.items()}, step=step)
         )
 
     def summary(self, values: dict[str, Any]) -> None:

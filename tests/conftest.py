@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -29,6 +30,22 @@ def _restore_environment():
     if os.environ != saved:
         os.environ.clear()
         os.environ.update(saved)
+
+
+# The signals a job handles (pimc_dist.distributed's stop requests, the launcher's Ctrl-C).
+_JOB_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2)
+
+
+@pytest.fixture(autouse=True)
+def _restore_signal_handlers():
+    """Put back the handlers a test's in-process job installed (pretrain.main handles
+    SIGTERM as a stop request): a later test's forked child would inherit a SIGTERM that
+    no longer kills it, and one such child outlived pytest and kept CI's output open."""
+    saved = {sig: signal.getsignal(sig) for sig in _JOB_SIGNALS}
+    yield
+    for sig, handler in saved.items():
+        if signal.getsignal(sig) is not handler and handler is not None:
+            signal.signal(sig, handler)
 
 
 def run_module(

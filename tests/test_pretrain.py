@@ -87,6 +87,7 @@ def start_ranks(
             f"loader.shards={shards}",
             f"train.collective_timeout_s={timeout}",
             "loader.workers=1",
+            "tracking.wandb=false",  # W&B's service start and end: a second per run
             *overrides,
         ]
         log = run_dir.parent / f"{run_dir.name}.{attempt}.rank{rank}.log"
@@ -174,7 +175,8 @@ def latest_state(run_dir: Path) -> dict:
 
 def test_loss_falls_and_outputs_are_written(tmp_path, shards):
     run = tmp_path / "run"
-    results = run_ranks(run, shards, 2, ["train.total_samples=3072", "train.log_every_steps=2"])
+    common = ["train.total_samples=3072", "train.log_every_steps=2", "tracking.wandb=true"]
+    results = run_ranks(run, shards, 2, common)
     assert_ok(results)
     logged = losses(run)
     values = list(logged.values())
@@ -229,7 +231,8 @@ def test_zero_stage_trains(tmp_path, shards, stage):
     assert (run / "encoders.safetensors").is_file()
 
 
-@pytest.mark.parametrize("accum", [1, 2])
+# accum=2 covers accum=1 in the default suite; accum=1 is a long test of its own.
+@pytest.mark.parametrize("accum", [pytest.param(1, marks=pytest.mark.slow), 2])
 def test_resume_gives_same_loss_as_uninterrupted(tmp_path, shards, accum):
     steps = 512 // (2 * 32 * accum)  # optimizer steps: 2 ranks x 32 samples x accum micro-batches
     half = steps // 2
@@ -239,6 +242,7 @@ def test_resume_gives_same_loss_as_uninterrupted(tmp_path, shards, accum):
         f"train.ckpt_every_steps={half}",
         "train.log_every_steps=1",
         "train.deterministic=true",
+        "tracking.wandb=true",
     ]
     full = tmp_path / "full"
     assert_ok(run_ranks(full, shards, 2, common))
@@ -264,6 +268,7 @@ def test_resume_gives_same_loss_as_uninterrupted(tmp_path, shards, accum):
     assert [row["step"] for row in second[1] if "loss" in row] == list(range(half + 1, steps + 1))
 
 
+@pytest.mark.slow  # the default suite converts to universal in the next test
 def test_universal_checkpoint_restores_weights_and_optimizer_state(tmp_path, shards):
     """A resume through DeepSpeed's universal format continues the run exactly."""
     common = [
@@ -289,7 +294,7 @@ def test_universal_checkpoint_restores_weights_and_optimizer_state(tmp_path, sha
     np.testing.assert_allclose([b[s] for s in range(5, 9)], [a[s] for s in range(5, 9)], rtol=1e-5)
 
 
-@pytest.mark.parametrize("stage", [2, 0])
+@pytest.mark.parametrize("stage", [2, pytest.param(0, marks=pytest.mark.slow)])
 def test_resume_on_fewer_ranks_uses_universal_checkpoint(tmp_path, shards, stage):
     run = tmp_path / "run"
     common = [
@@ -323,7 +328,8 @@ def test_resume_on_fewer_ranks_uses_universal_checkpoint(tmp_path, shards, stage
 
 @pytest.mark.parametrize(
     ("sig", "signalled"),
-    [(signal.SIGTERM, [0, 1]), (signal.SIGUSR1, [1])],
+    # One rank signalled alone: the default suite has it in test_stops.py, on a launched job.
+    [(signal.SIGTERM, [0, 1]), pytest.param(signal.SIGUSR1, [1], marks=pytest.mark.slow)],
     ids=["sigterm-every-rank", "sigusr1-one-rank"],
 )
 def test_stop_signal_saves_a_checkpoint_and_exits_for_requeue(tmp_path, shards, sig, signalled):

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import ast
-import multiprocessing
-import pickle
+import contextlib
+import os
 import shutil
+import signal
+import subprocess
+import sys
 
 import numpy as np
 import pyarrow as pa
@@ -185,18 +188,47 @@ def test_resampling_matches_torch_interpolate(size):
         np.testing.assert_allclose(ours, bilinear, rtol=1e-5, atol=0.05)
 
 
-@pytest.mark.timeout(120)
+FORKED_READ = """
+import os, pickle, sys
+import numpy as np
+from pimc_dist.sources import reben
+
+src = reben.BigEarthNetV2Source(reben.configilm_mock_root(), split="test")
+src[0]  # the parent holds the LMDB handle now
+clone = pickle.loads(pickle.dumps(src))
+read, write = os.pipe()
+child = os.fork()
+if child == 0:
+    os.write(write, repr(float(clone[1].s2.sum(dtype=np.float64))).encode())
+    os._exit(0)
+os.close(write)
+forked = float(os.read(read, 64))
+_, status = os.waitpid(child, 0)
+assert os.waitstatus_to_exitcode(status) == 0, status
+print(forked, float(src[1].s2.sum(dtype=np.float64)))
+"""
+
+
 def test_source_reads_in_a_forked_worker_after_the_parent_read(records):
-    src = reben.BigEarthNetV2Source(MOCK, split="test")
-    src[0]  # the parent holds the LMDB handle now
-    clone = pickle.loads(pickle.dumps(src))
-    with multiprocessing.get_context("fork").Pool(1) as pool:
-        s2_sum = pool.apply(_sum_s2, (clone, 1))
-    assert s2_sum == pytest.approx(float(src[1].s2.sum(dtype=np.float64)))
-
-
-def _sum_s2(source, index):
-    return float(source[index].s2.sum(dtype=np.float64))
+    # In a fresh interpreter of its own session: a fork of the pytest process would copy
+    # whatever earlier tests left there (threads holding locks, signal handlers), and a
+    # child stuck on those once kept CI's output pipe open after pytest had ended.
+    proc = subprocess.Popen(
+        [sys.executable, "-c", FORKED_READ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        out, err = proc.communicate(timeout=120)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)  # the forked child too, if it hangs
+        proc.wait()
+    assert proc.returncode == 0, err
+    forked, parent = map(float, out.split())
+    assert forked == pytest.approx(parent) and parent > 0
 
 
 # -- bad input ------------------------------------------------------------------------------

@@ -131,6 +131,13 @@ def test_wandb_disabled_still_writes_metrics(tmp_path):
     assert not (tmp_path / "wandb").exists()
 
 
+def test_wandb_asked_for_but_not_installed_names_the_key(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "wandb", None)  # `import wandb` raises ImportError
+    with pytest.raises(tracking.TrackingError, match="'tracking.wandb'.*pip install wandb"):
+        tracking.Tracker(cfg_for(tmp_path), rank=0, run_dir=tmp_path)
+    tracking.check_wandb(config.load(None, ["tracking.wandb=false"]))  # off: nothing needed
+
+
 def test_online_without_a_key_says_what_to_do(tmp_path, monkeypatch):
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     monkeypatch.setenv("HOME", str(tmp_path))
