@@ -259,6 +259,14 @@ def _out_path(out: str | Path, name: str) -> Path:
         return out / name
     if not out.suffix:
         return out.with_name(out.name + ".png")
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    formats = FigureCanvasBase.get_supported_filetypes()
+    if out.suffix[1:].lower() not in formats:  # checked before the picture is drawn
+        raise ValueError(
+            f"{out}: matplotlib cannot write {out.suffix} files; end the name with one of "
+            f"{', '.join('.' + f for f in sorted(formats))} (.png when there is no suffix)"
+        )
     return out
 
 

@@ -861,3 +861,17 @@ def test_a_folder_as_geotiff_root_says_what_to_pass(tmp_path, capsys):
     args = _stack_args(out, str(tmp_path / "raw"), "data.band_names=[B02,B04,B08]")
     code, _, err = _run(capsys, *args)
     assert code == 1 and "is a folder" in err and "*.tif" in err and "missing" not in err, err
+
+
+def test_a_glob_that_also_matches_folders_takes_the_files(tmp_path, capsys):
+    _write_stacks(tmp_path / "raw", 2)
+    (tmp_path / "raw" / "labels").mkdir()  # a folder beside the stacks
+    out = tmp_path / "shards"
+    args = _stack_args(out, str(tmp_path / "raw" / "*"), "data.band_names=[B02,B04,B08]")
+    code, _, err = _run(capsys, *args)
+    assert code == 0, err
+    assert read_manifest(out).total_samples == 2 * 4 * 4
+    only_folders = str(tmp_path / "raw" / "lab*")
+    code, _, err = _run(capsys, *_stack_args(tmp_path / "none", only_folders))
+    assert code == 1 and "no file matches this pattern (only folders:" in err, err
+    assert "labels" in err and "Traceback" not in err

@@ -483,6 +483,23 @@ def test_empty_classes_are_warned_naming_them(tmp_path, capsys):
     assert "warning: point_series: classes 3..98 have no sample" in printed
 
 
+def test_negative_digital_numbers_are_warned_unless_few_and_small(tmp_path, capsys):
+    rows = [[s, f"2021-0{m}-01", "400", "300", "3000"] for s in "abcd" for m in (3, 4, 5)]
+    rows[0][4] = "-9999"  # an unlisted nodata value
+    path = write_table(tmp_path / "t.csv", rows, HEADER[:5])
+    (note,) = _source(path).notes
+    assert "1 of 36 band values are negative (most in B08, lowest -9999)" in note
+    assert "data.nodata" in note
+    assert _source(path, nodata=-9999).notes == []  # listed: a gap, not a value
+    # One dark pixel after L2A's offset among 120 values: not worth a word.
+    dark = [[f"s{k}", f"2021-0{m}-01", "400", "300", "3000"] for k in range(20) for m in (3, 4)]
+    dark[0][2] = "-30"
+    assert _source(write_table(tmp_path / "dark.csv", dark, HEADER[:5])).notes == []
+    code, printed, err = _shard(tmp_path, capsys, path)
+    assert code == 0, err
+    assert "warning: point_series: 1 of 36 band values are negative" in printed
+
+
 def test_a_sample_far_from_the_others_is_named_when_it_stretches_the_grid(tmp_path, capsys):
     rows = [[s, f"2021-0{m}-01", "400", "300", "3000"] for s in "abcd" for m in (3, 4, 5)]
     rows += [["late", f"2030-0{m}-01", "400", "300", "3000"] for m in (3, 4)]

@@ -91,6 +91,12 @@ def tiny_shards(tmp_path_factory) -> Path:
     return build_tiny_shards(tmp_path_factory.mktemp("stops_data"))
 
 
+def _sigint_as_in_a_terminal() -> None:
+    # A command started with `&` by a script (as a CI runner may start pytest) inherits
+    # SIGINT ignored, and Python then keeps it ignored: this job would never see the Ctrl-C.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_ctrl_c_on_a_followed_local_pretraining_saves_and_says_how_to_resume(tmp_path, tiny_shards):
     run_dir = tmp_path / "run"
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "WANDB_MODE": "offline"}
@@ -101,7 +107,7 @@ def test_ctrl_c_on_a_followed_local_pretraining_saves_and_says_how_to_resume(tmp
          f"train.run_dir={run_dir}", "train.total_samples=64000", "train.batch_size=8",
          "train.log_every_steps=1", "train.ckpt_every_steps=100000", "tracking.wandb=false"],
         cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        start_new_session=True,
+        start_new_session=True, preexec_fn=_sigint_as_in_a_terminal,
     )  # fmt: skip
     try:
         _wait_until(lambda: len(metrics_steps(run_dir)) >= 2, 400, "2 logged steps")

@@ -156,6 +156,20 @@ def test_the_printed_path_is_the_file_written(tmp_path, pimc_shards, capsys):
     assert png_size(folder / "samples.png")
 
 
+def test_an_out_suffix_matplotlib_cannot_write_is_named_before_drawing(
+    tmp_path, pimc_shards, capsys
+):
+    out = tmp_path / "samples.v2"
+    assert viz.main(["samples", str(pimc_shards), "--n", "2", "--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert f"{out}: matplotlib cannot write .v2 files" in err and ".png" in err and ".svg" in err
+    assert not out.exists()
+    assert (
+        viz.main(["samples", str(pimc_shards), "--n", "2", "--out", str(tmp_path / "a.SVG")]) == 0
+    )
+    assert (tmp_path / "a.SVG").read_bytes().lstrip().startswith(b"<?xml")
+
+
 def test_curves_name_the_run_folder_that_lacks_metrics(tmp_path, capsys):
     assert viz.main(["curves", str(tmp_path / "nowhere")]) == 1
     err = capsys.readouterr().err

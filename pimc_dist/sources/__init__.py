@@ -90,10 +90,15 @@ def label_paths(pattern: str | None, paths: list[str]) -> list[str] | None:
 
 
 def _paths(root: str) -> list[str]:
-    # glob.glob, not Path.glob: the pattern may be absolute.
-    paths = sorted(glob.glob(root)) if any(ch in root for ch in "*?[") else [root]
+    """The files `root` names: itself, or what its glob matches, folders left out (a
+    `data/*` beside the stacks' label folder means the stacks)."""
+    if not any(ch in root for ch in "*?["):
+        return [root]
+    matches = sorted(glob.glob(root))  # glob.glob, not Path.glob: the pattern may be absolute
+    paths = [p for p in matches if not Path(p).is_dir()]
     if not paths:
-        raise SourceError(root, "no file matches this pattern")
+        only = f" (only folders: {', '.join(matches[:3])}{', ...' if len(matches) > 3 else ''})"
+        raise SourceError(root, "no file matches this pattern" + (only if matches else ""))
     return paths
 
 

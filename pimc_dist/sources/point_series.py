@@ -409,6 +409,7 @@ class PointSeriesSource:
             self._groups += texts["group"]
         self._labels = self._label_values(label_info)
         self.notes = self._empty_class_notes() + self._stretch_notes(firsts, lasts)
+        self.notes += self._negative_notes()
 
         keep = []
         for k, sid in enumerate(self._ids):
@@ -486,6 +487,28 @@ class PointSeriesSource:
             f"{self.columns['label']!r} column?"
         )
         return [f"{what} no sample (of {len(self.classes)} classes): {hint}"]
+
+    def _negative_notes(self) -> list[str]:
+        """A note on negative band values: reflectances are not negative. L2A's offset
+        (BOA_ADD_OFFSET, -1000 in digital numbers) makes a few dark pixels slightly negative,
+        so only many of them, or values below -1000 (a nodata value such as -9999), are
+        named."""
+        if self._index_cols or not self._values:
+            return []
+        used = np.concatenate([v[:, self._used] for v in self._values])
+        with np.errstate(invalid="ignore"):
+            negative = used < 0  # NaN (gaps) compares False
+        count = int(negative.sum())
+        finite = used[np.isfinite(used)]
+        lowest = float(finite.min()) if finite.size else 0.0
+        if count <= 0.01 * negative.size and lowest >= -1000:
+            return []
+        worst = self.band_names[self._used[int(negative.sum(axis=0).argmax())]]
+        return [
+            f"{count} of {negative.size} band values are negative (most in {worst}, lowest "
+            f"{lowest:g}): digital numbers of reflectance are not; list a nodata value in "
+            "data.nodata, or check that the columns hold reflectance x data.dn_scale"
+        ]
 
     def _stretch_notes(self, firsts: list[int], lasts: list[int]) -> list[str]:
         """A note when the one grid of all samples is much longer than a typical sample's
