@@ -87,7 +87,7 @@ def deepspeed_config(cfg: Any, world_size: int) -> dict[str, Any]:
         try:
             extra = json.loads(path.read_text())
         except FileNotFoundError as exc:
-            raise CheckpointError(f"{path}: DeepSpeed config file not found") from exc
+            raise ValueError(f"{path}: DeepSpeed config file not found") from exc
         except json.JSONDecodeError as exc:
             raise ValueError(f"{path}: not valid JSON: {exc}") from exc
         if not isinstance(extra, dict):

@@ -88,7 +88,7 @@ def test_deepspeed_config_file_errors_name_the_file(tmp_path):
     with pytest.raises(ValueError, match="JSON object"):
         engine.deepspeed_config(config.load(None, [f"deepspeed.config_file={bad}"]), 1)
     missing = tmp_path / "absent.json"
-    with pytest.raises(engine.CheckpointError, match="not found"):
+    with pytest.raises(ValueError, match=f"{missing}: DeepSpeed config file not found"):
         engine.deepspeed_config(config.load(None, [f"deepspeed.config_file={missing}"]), 1)
 
 
