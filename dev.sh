@@ -27,8 +27,8 @@ setup() {
     fi
     # The package's bytecode, written here (only what changed): where PYTHONDONTWRITEBYTECODE
     # is set, as in many containers, every process would compile it again, about 0.8 s for
-    # each rank of each job and each command a test runs.
-    .venv/bin/python -m compileall -q pimc_dist tests bench > /dev/null || true  # pytest names a syntax error
+    # each rank of each job and each command a test runs. A syntax error is left to pytest.
+    .venv/bin/python -m compileall -q pimc_dist tests bench > /dev/null || true
 }
 
 export DS_ACCELERATOR=${DS_ACCELERATOR:-cpu}

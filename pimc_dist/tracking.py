@@ -124,7 +124,7 @@ class Tracker:
         mode = cfg.tracking.mode
         verbose = bool(getattr(cfg.tracking, "verbose", False))
         self.run_id = run_id or secrets.token_hex(4)
-        wandb = wandb_module()
+        self._wandb = wandb = wandb_module()
         self.run = wandb.init(
             project=cfg.tracking.project,
             entity=cfg.tracking.entity,
@@ -175,7 +175,7 @@ class Tracker:
         if not self.active or self.run is None or not images:
             return
         self._wandb_call(
-            lambda: self.run.log({k: wandb_module().Image(v) for k, v in images.items()}, step=step)
+            lambda: self.run.log({k: self._wandb.Image(v) for k, v in images.items()}, step=step)
         )
 
     def summary(self, values: dict[str, Any]) -> None:

@@ -499,8 +499,9 @@ class PointSeriesSource:
         with np.errstate(invalid="ignore"):
             negative = used < 0  # NaN (gaps) compares False
         count = int(negative.sum())
-        finite = used[np.isfinite(used)]
-        lowest = float(finite.min()) if finite.size else 0.0
+        if not count:
+            return []
+        lowest = float(np.nanmin(used))  # a negative value exists: not all NaN
         if count <= 0.01 * negative.size and lowest >= -1000:
             return []
         worst = self.band_names[self._used[int(negative.sum(axis=0).argmax())]]
